@@ -1,0 +1,1 @@
+"""Adapters: each wraps one external system and translates its errors into ``homeiot`` errors."""

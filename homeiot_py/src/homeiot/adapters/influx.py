@@ -1,0 +1,214 @@
+"""InfluxDB adapter over the v1 compatibility HTTP API (DESIGN.md §3).
+
+Line protocol goes to ``POST /write`` (``precision=ms``), InfluxQL to ``GET /query`` with
+``chunked=true``. That API is served by InfluxDB 1.x, 2.x (token auth, DBRP mapping) and 3 Core
+alike, so one client covers all three. Auth modes: none, 1.x user/password (HTTP Basic — never in
+the URL, so never in access logs), and token (``Authorization: Token …``).
+
+Errors: :class:`InfluxUnavailableError` (retry), :class:`InfluxAuthError` (fix credentials),
+:class:`InfluxPartialWriteError` (some or all lines refused; the offending lines are attached),
+:class:`InfluxQueryError` (a statement failed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from homeiot.config import InfluxSettings
+from homeiot.core.errors import (
+    InfluxAuthError,
+    InfluxPartialWriteError,
+    InfluxQueryError,
+    InfluxRejectedError,
+    InfluxUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+_UNPARSABLE = re.compile(r"unable to parse '(.*)': [^']*$")
+_DROPPED = re.compile(r"dropped=(\d+)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesChunk:
+    """One chunk of one series of a query result: ``values`` rows in ``columns`` order."""
+
+    name: str
+    tags: dict[str, str]
+    columns: list[str]
+    values: list[list[Any]]
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500]
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("message") or body)
+    return str(body)
+
+
+def parse_write_error(text: str) -> tuple[list[str], int | None]:
+    """The offending lines quoted in a ``/write`` error, and the ``dropped=`` count if present."""
+    lines: list[str] = []
+    dropped_match = _DROPPED.search(text)
+    dropped = int(dropped_match.group(1)) if dropped_match else None
+    body = _DROPPED.sub("", text)
+    for segment in body.split("\n"):
+        match = _UNPARSABLE.search(segment)
+        if match:
+            lines.append(match.group(1))
+    return lines, dropped
+
+
+class InfluxClient:
+    """A small synchronous client for one database, reusing one HTTP connection pool."""
+
+    def __init__(self, settings: InfluxSettings, *, transport: httpx.BaseTransport | None = None
+                 ) -> None:
+        self.settings = settings
+        headers = {"User-Agent": "homeiot"}
+        auth: httpx.Auth | None = None
+        if settings.auth == "token":
+            headers["Authorization"] = f"Token {settings.token}"
+        elif settings.auth == "password":
+            auth = httpx.BasicAuth(settings.username or "", settings.password or "")
+        self._http = httpx.Client(base_url=settings.url, headers=headers, auth=auth,
+                                  timeout=settings.timeout_s, transport=transport)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise InfluxUnavailableError(f"InfluxDB at {self.settings.url} timed out: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise InfluxUnavailableError(
+                f"cannot reach InfluxDB at {self.settings.url}: {exc}") from exc
+        self._raise_for_status(response)
+        return response
+
+    def _raise_for_status(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        if status in (401, 403):
+            raise InfluxAuthError(f"InfluxDB refused our credentials ({status}): "
+                                  f"{_error_text(response)}; check INFLUXDB_AUTH and its secrets")
+        if status >= 500 or status == 429:
+            raise InfluxUnavailableError(f"InfluxDB answered {status}: {_error_text(response)}")
+        if status == 400 and response.request.url.path.endswith("/query"):
+            raise InfluxQueryError(f"query refused: {_error_text(response)}")
+        if status == 400 and response.request.url.path.endswith("/write"):
+            text = _error_text(response)
+            lines, dropped = parse_write_error(text)
+            raise InfluxPartialWriteError(f"InfluxDB refused part of a write: {text}", lines, dropped)
+        raise InfluxRejectedError(f"InfluxDB answered {status}: {_error_text(response)}")
+
+    def ping(self) -> str:
+        """Check that InfluxDB answers; returns its version (``X-Influxdb-Version``)."""
+        response = self._request("GET", "/ping")
+        return response.headers.get("X-Influxdb-Version", "unknown")
+
+    def write(self, lines: Sequence[str], *, batch_size: int = 5000) -> int:
+        """Write line-protocol ``lines`` (millisecond timestamps) in batches; returns lines sent.
+
+        Each batch is one request; if one fails, the batches before it are stored and the error
+        says which lines were refused. Writing the same point again overwrites it.
+        """
+        params = {"db": self.settings.database, "precision": "ms"}
+        if self.settings.retention_policy:
+            params["rp"] = self.settings.retention_policy
+        for start in range(0, len(lines), batch_size):
+            body = "\n".join(lines[start:start + batch_size]).encode("utf-8")
+            self._request("POST", "/write", params=params, content=body,
+                          headers={"Content-Type": "text/plain; charset=utf-8"})
+        return len(lines)
+
+    def execute(self, statement: str) -> list[dict[str, Any]]:
+        """Run an administrative or small InfluxQL statement with ``POST /query``; returns results.
+
+        For ``CREATE DATABASE`` and friends, which InfluxDB 1.x only accepts by POST.
+        """
+        response = self._request("POST", "/query", data={"q": statement,
+                                                         "db": self.settings.database})
+        return self._results(response.json(), statement)
+
+    @staticmethod
+    def _results(body: Any, statement: str) -> list[dict[str, Any]]:
+        if not isinstance(body, dict):
+            raise InfluxQueryError(f"unexpected answer to {statement!r}: {body!r:.200}")
+        if "error" in body:
+            raise InfluxQueryError(f"{statement!r}: {body['error']}")
+        results: list[dict[str, Any]] = body.get("results", [])
+        for result in results:
+            if "error" in result:
+                raise InfluxQueryError(f"{statement!r}: {result['error']}")
+        return results
+
+    def query(self, statement: str, *, chunk_size: int = 10_000, epoch: str = "ms",
+              params: dict[str, str] | None = None) -> Iterator[SeriesChunk]:
+        """Stream the result of a read-only InfluxQL statement, chunk by chunk.
+
+        Uses ``chunked=true``: InfluxDB sends one JSON document per chunk of at most
+        ``chunk_size`` rows and this iterator parses and yields them one at a time, so the whole
+        result is never held in memory. Timestamps are integers in ``epoch`` units. ``params``
+        are bound parameters (``$name`` in the statement), which InfluxDB quotes itself.
+        """
+        query_params: dict[str, str] = {
+            "db": self.settings.database, "q": statement, "chunked": "true",
+            "chunk_size": str(chunk_size), "epoch": epoch,
+        }
+        if self.settings.retention_policy:
+            query_params["rp"] = self.settings.retention_policy
+        if params:
+            query_params["params"] = json.dumps(params)
+        try:
+            with self._http.stream("GET", "/query", params=query_params) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for_status(response)
+                for line in response.iter_lines():
+                    if line:
+                        yield from self._chunks(line, statement)
+        except httpx.TimeoutException as exc:
+            raise InfluxUnavailableError(f"InfluxDB timed out during a query: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise InfluxUnavailableError(f"InfluxDB connection failed during a query: {exc}") from exc
+
+    def _chunks(self, line: str, statement: str) -> Iterable[SeriesChunk]:
+        try:
+            body = json.loads(line)
+        except ValueError as exc:
+            raise InfluxQueryError(f"unreadable query chunk for {statement!r}: {exc}") from exc
+        for result in self._results(body, statement):
+            for series in result.get("series", ()):
+                yield SeriesChunk(series.get("name", ""), series.get("tags") or {},
+                                  series["columns"], series.get("values") or [])
+
+    def rows(self, statement: str, *, chunk_size: int = 10_000,
+             params: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+        """Stream the result as one dict per row (series tags merged in)."""
+        for chunk in self.query(statement, chunk_size=chunk_size, params=params):
+            for values in chunk.values:
+                row = dict(zip(chunk.columns, values, strict=True))
+                row.update(chunk.tags)
+                yield row

@@ -1,0 +1,137 @@
+"""MQTT adapter over paho-mqtt 2.x: MQTT v5, TLS with CA verification and host-name checks.
+
+This module only builds and connects clients; the publisher and the gateway own their loops.
+Connection failures become ``homeiot`` errors that say what to do: :class:`MqttTlsError` and
+:class:`MqttAuthError` (fix the configuration), :class:`MqttConnectionError` (retry later).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from homeiot.config import MqttSettings
+from homeiot.core.errors import MqttAuthError, MqttConnectionError, MqttTlsError
+
+logger = logging.getLogger(__name__)
+
+#: MQTT v5 CONNACK reason codes that mean "your identity or rights", not "try again later".
+_AUTH_REASONS = frozenset({134, 135, 138, 140})  # bad user/password, not authorized, banned, auth
+
+
+def tls_context(ca_cert: str) -> ssl.SSLContext:
+    """A client TLS context that trusts only ``ca_cert``, checks host names, and speaks TLS ≥ 1.2."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_cert)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def create_client(
+    settings: MqttSettings,
+    *,
+    client_id: str | None = None,
+    manual_ack: bool = False,
+    userdata: Any = None,
+) -> mqtt.Client:
+    """A paho client (callback API v2, MQTT v5) with TLS and credentials from ``settings``.
+
+    ``client_id`` overrides ``settings.client_id``; a persistent session needs a fixed one.
+    """
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id or settings.client_id or "",
+        protocol=mqtt.MQTTv5,
+        userdata=userdata,
+        manual_ack=manual_ack,
+    )
+    client.tls_set_context(tls_context(str(settings.ca_cert)))
+    client.username_pw_set(settings.username, settings.password)
+    client.reconnect_delay_set(min_delay=1, max_delay=60)
+    client.enable_logger(logging.getLogger("paho"))
+    return client
+
+
+def connect_properties(session_expiry_s: int) -> Properties:
+    """CONNECT properties asking the broker to keep our session for ``session_expiry_s``."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = session_expiry_s
+    return properties
+
+
+def connect(
+    client: mqtt.Client,
+    settings: MqttSettings,
+    *,
+    clean_start: bool,
+    session_expiry_s: int | None = None,
+) -> None:
+    """Open the TCP/TLS connection and send CONNECT; the CONNACK arrives in the client's loop.
+
+    With ``clean_start=False`` and a session expiry, the broker keeps our subscriptions and queues
+    QoS 1 messages while we are away.
+    """
+    expiry = settings.session_expiry_s if session_expiry_s is None else session_expiry_s
+    try:
+        client.connect(
+            settings.host,
+            settings.port,
+            keepalive=settings.keepalive_s,
+            clean_start=clean_start,
+            properties=connect_properties(expiry),
+        )
+    except ssl.SSLCertVerificationError as exc:
+        raise MqttTlsError(
+            f"TLS: the broker's certificate for {settings.host!r} was refused ({exc.verify_message});"
+            f" check MQTT_TLS_CA_CERT and that the host name or IP is in the certificate's SAN"
+        ) from exc
+    except ssl.SSLError as exc:
+        raise MqttTlsError(f"TLS handshake with {settings.host}:{settings.port} failed: {exc}") from exc
+    except (OSError, socket.timeout) as exc:
+        raise MqttConnectionError(
+            f"cannot reach the MQTT broker at {settings.host}:{settings.port}: {exc}"
+        ) from exc
+
+
+def wait_connected(client: mqtt.Client, timeout_s: float = 10.0) -> None:
+    """Drive the client's network loop in this thread until the CONNACK arrives.
+
+    For synchronous tools and start-up checks, before the caller starts its own loop. Raises
+    :class:`MqttAuthError` when the broker refuses our identity and :class:`MqttConnectionError`
+    when the connection fails or no CONNACK arrives within ``timeout_s``.
+    """
+    previous = client.on_connect
+    outcome: list[ReasonCode] = []
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                   properties: Any) -> None:
+        outcome.append(reason)
+        if previous is not None:
+            previous(c, userdata, flags, reason, properties)
+
+    client.on_connect = on_connect
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not outcome:
+            if time.monotonic() > deadline:
+                raise MqttConnectionError(f"no CONNACK from the broker within {timeout_s} s")
+            rc = client.loop(timeout=0.1)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not outcome:
+                raise MqttConnectionError(f"connection lost before CONNACK: {mqtt.error_string(rc)}")
+    finally:
+        client.on_connect = previous
+    reason = outcome[0]
+    if reason.is_failure:
+        if reason.value in _AUTH_REASONS:
+            raise MqttAuthError(f"the broker refused the connection: {reason}")
+        raise MqttConnectionError(f"the broker refused the connection: {reason}")

@@ -1,0 +1,258 @@
+"""Settings, loaded once from the environment at start-up into frozen objects.
+
+The seed's variable names keep their meaning (``MQTT_BROKER_URL``, ``MQTT_TLS_CA_CERT``,
+``MQTT_TOPIC``, ``SOURCE_DEFAULT`` …); every variable is listed in ``docs/configuration.md``.
+A bad value raises one :class:`ConfigError` naming the variable. An empty value counts as unset
+(Docker Compose passes unset ``.env`` entries as empty strings). Secrets never appear in messages
+or ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import SplitResult, unquote, urlsplit
+
+from homeiot.core.errors import ConfigError, EncodingError, TopicError
+from homeiot.core.lineprotocol import DEFAULT_MEASUREMENT, escape_measurement
+from homeiot.core.reading import validate_source
+from homeiot.core.topics import validate_base_topic
+
+Env = Mapping[str, str]
+InfluxAuth = Literal["none", "password", "token"]
+
+DEFAULT_CA_CERT = "/etc/ssl/certs/homeiot-ca.crt"
+DEFAULT_TOPIC = "home/power"
+DEFAULT_SOURCE = "meter1"
+DEFAULT_MQTT_PORT = 8883
+DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
+DEFAULT_INFLUX_URL = "http://influxdb:8086"
+DEFAULT_INFLUX_DB = "homeiot"
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """Where and as whom to connect to the broker (always TLS, always authenticated)."""
+
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    ca_cert: Path
+    topic: str
+    client_id: str | None = None
+    keepalive_s: int = 60
+    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
+
+
+@dataclass(frozen=True, slots=True)
+class InfluxSettings:
+    """How to reach InfluxDB's v1 compatibility API (InfluxDB 1.x, 2.x and 3 alike)."""
+
+    url: str
+    database: str
+    retention_policy: str | None = None
+    auth: InfluxAuth = "none"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    measurement: str = DEFAULT_MEASUREMENT
+    timeout_s: float = 10.0
+
+
+def _get(env: Env, name: str) -> str | None:
+    value = env.get(name)
+    return value if value else None
+
+
+def _int(env: Env, name: str, default: int, low: int, high: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(env: Env, name: str, default: float, low: float, high: float) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if not low <= value <= high:  # also false for NaN
+        raise ConfigError(name, f"must be between {low} and {high}, got {raw!r}")
+    return value
+
+
+def _redacted(parts: SplitResult) -> str:
+    """The URL with any password replaced, fit for an error message."""
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username}:***@" + netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _port(name: str, parts: SplitResult, default: int) -> int:
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(name, f"port must be an integer 1-65535 in {_redacted(parts)!r}") from None
+    if port == 0:
+        raise ConfigError(name, f"port must be 1-65535 in {_redacted(parts)!r}")
+    return default if port is None else port
+
+
+def load_ca_cert(env: Env, name: str = "MQTT_TLS_CA_CERT") -> Path:
+    """The CA certificate file; it must exist, be readable and hold a PEM certificate."""
+    path = Path(_get(env, name) or DEFAULT_CA_CERT)
+    if not path.is_file():
+        raise ConfigError(name, f"CA certificate file {str(path)!r} does not exist")
+    try:
+        head = path.read_bytes()[:65536]
+    except OSError as exc:
+        raise ConfigError(name, f"CA certificate file {str(path)!r} is not readable: {exc}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in head:
+        raise ConfigError(name, f"{str(path)!r} holds no PEM certificate")
+    return path
+
+
+def load_topic(env: Env) -> str:
+    """``MQTT_TOPIC``, the base topic (default ``home/power``)."""
+    try:
+        return validate_base_topic(_get(env, "MQTT_TOPIC") or DEFAULT_TOPIC)
+    except TopicError as exc:
+        raise ConfigError("MQTT_TOPIC", str(exc)) from None
+
+
+def load_source_default(env: Env) -> str:
+    """``SOURCE_DEFAULT``, the source of a meter when none is given (default ``meter1``)."""
+    try:
+        return validate_source(_get(env, "SOURCE_DEFAULT") or DEFAULT_SOURCE)
+    except TopicError as exc:
+        raise ConfigError("SOURCE_DEFAULT", str(exc)) from None
+
+
+def load_mqtt(env: Env | None = None) -> MqttSettings:
+    """MQTT settings from ``MQTT_BROKER_URL`` (``mqtts://user:pass@host:8883``, credentials
+    percent-encoded), or from ``MQTT_HOST``/``MQTT_PORT``/``MQTT_USER``/``MQTT_PASSWORD`` when the
+    URL is not set. Credentials in the URL win over ``MQTT_USER``/``MQTT_PASSWORD``.
+    """
+    env = os.environ if env is None else env
+    url = _get(env, "MQTT_BROKER_URL")
+    if url is not None:
+        name = "MQTT_BROKER_URL"
+        parts = urlsplit(url.strip())
+        if parts.scheme != "mqtts":
+            raise ConfigError(
+                name, f"scheme must be 'mqtts' (TLS is required), got {parts.scheme!r} in "
+                f"{_redacted(parts)!r}"
+            )
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(name, f"must be mqtts://user:pass@host:port with no path or query, "
+                                    f"got {_redacted(parts)!r}")
+        host = parts.hostname
+        if not host:
+            raise ConfigError(name, f"has no host name: {_redacted(parts)!r}")
+        port = _port(name, parts, DEFAULT_MQTT_PORT)
+        username = unquote(parts.username) if parts.username else _get(env, "MQTT_USER")
+        password = unquote(parts.password) if parts.password else _get(env, "MQTT_PASSWORD")
+        user_var = name if parts.username else "MQTT_USER"
+        pass_var = name if parts.password else "MQTT_PASSWORD"
+    else:
+        host = _get(env, "MQTT_HOST")
+        if host is None:
+            raise ConfigError("MQTT_BROKER_URL", "is not set (nor is MQTT_HOST)")
+        host = host.strip()
+        # One ':' means "host:port" was given here; IPv6 addresses have several.
+        if not host or any(c in host for c in "/@ ") or host.count(":") == 1:
+            raise ConfigError("MQTT_HOST", "must be a bare host name or IP address (no scheme, "
+                                           f"port or credentials), got {host!r}")
+        port = _int(env, "MQTT_PORT", DEFAULT_MQTT_PORT, 1, 65535)
+        username, password = _get(env, "MQTT_USER"), _get(env, "MQTT_PASSWORD")
+        user_var, pass_var = "MQTT_USER", "MQTT_PASSWORD"
+    if not username:
+        raise ConfigError(user_var, "no MQTT user name given; the broker allows no anonymous clients")
+    if not password:
+        raise ConfigError(pass_var, "no MQTT password given")
+    client_id = _get(env, "MQTT_CLIENT_ID")
+    if client_id is not None and (len(client_id.encode()) > 65535 or not client_id.isprintable()):
+        raise ConfigError("MQTT_CLIENT_ID", "must be printable and at most 65535 bytes")
+    return MqttSettings(
+        host=host,
+        port=port,
+        username=username,
+        password=password,
+        ca_cert=load_ca_cert(env),
+        topic=load_topic(env),
+        client_id=client_id,
+        keepalive_s=_int(env, "MQTT_KEEPALIVE_S", 60, 5, 65535),
+        session_expiry_s=_int(env, "MQTT_SESSION_EXPIRY_S", DEFAULT_SESSION_EXPIRY_S, 0,
+                              2**32 - 1),
+    )
+
+
+def load_influx(env: Env | None = None) -> InfluxSettings:
+    """InfluxDB settings from ``INFLUXDB_*`` (see docs/configuration.md)."""
+    env = os.environ if env is None else env
+    raw_url = (_get(env, "INFLUXDB_URL") or DEFAULT_INFLUX_URL).strip()
+    parts = urlsplit(raw_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("INFLUXDB_URL", f"must be http(s)://host:port, got {_redacted(parts)!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("INFLUXDB_URL", "must not carry credentials; use INFLUXDB_USER/"
+                                          "INFLUXDB_PASSWORD or INFLUXDB_TOKEN")
+    if parts.query or parts.fragment:
+        raise ConfigError("INFLUXDB_URL", f"must have no query or fragment, got {raw_url!r}")
+    _port("INFLUXDB_URL", parts, 8086)
+    database = _get(env, "INFLUXDB_DB") or DEFAULT_INFLUX_DB
+    if not database.isprintable() or '"' in database:
+        raise ConfigError("INFLUXDB_DB", f"must be printable without '\"', got {database!r}")
+    rp = _get(env, "INFLUXDB_RP")
+    if rp is not None and (not rp.isprintable() or '"' in rp):
+        raise ConfigError("INFLUXDB_RP", f"must be printable without '\"', got {rp!r}")
+    measurement = _get(env, "INFLUXDB_MEASUREMENT") or DEFAULT_MEASUREMENT
+    try:
+        escape_measurement(measurement)
+    except EncodingError as exc:
+        raise ConfigError("INFLUXDB_MEASUREMENT", str(exc)) from None
+    if '"' in measurement:
+        raise ConfigError("INFLUXDB_MEASUREMENT", "must not contain '\"'")
+    username, password, token = (
+        _get(env, "INFLUXDB_USER"), _get(env, "INFLUXDB_PASSWORD"), _get(env, "INFLUXDB_TOKEN")
+    )
+    auth_raw = _get(env, "INFLUXDB_AUTH")
+    auth: InfluxAuth
+    if auth_raw is None:
+        auth = "token" if token else "password" if username else "none"
+    elif auth_raw in ("none", "password", "token"):
+        auth = auth_raw  # type: ignore[assignment]  # narrowed by the membership test
+    else:
+        raise ConfigError("INFLUXDB_AUTH", f"must be none, password or token, got {auth_raw!r}")
+    if auth == "token" and not token:
+        raise ConfigError("INFLUXDB_TOKEN", "is required when INFLUXDB_AUTH is token")
+    if auth == "password":
+        if not username:
+            raise ConfigError("INFLUXDB_USER", "is required when INFLUXDB_AUTH is password")
+        if not password:
+            raise ConfigError("INFLUXDB_PASSWORD", "is required when INFLUXDB_AUTH is password")
+    return InfluxSettings(
+        url=raw_url.rstrip("/"),
+        database=database,
+        retention_policy=rp,
+        auth=auth,
+        username=username if auth == "password" else None,
+        password=password if auth == "password" else None,
+        token=token if auth == "token" else None,
+        measurement=measurement,
+        timeout_s=_float(env, "INFLUXDB_TIMEOUT_S", 10.0, 0.1, 600.0),
+    )

@@ -1,0 +1,136 @@
+"""The MQTT payload codec, schema version 1: the only place where wire JSON meets :class:`Reading`.
+
+A payload is a compact JSON object (see ``schema/reading-v1.schema.json``)::
+
+    {"v":1,"ts":"2025-12-16T15:00:00.000Z","seq":42,"power_w":532.0,"energy_normal_kwh":12345.6}
+
+The source is not in the payload: it is the last topic level, which the broker's ACL ties to the
+publisher's identity, so a payload cannot claim another meter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+from homeiot.core.errors import InvalidDataError, PayloadError
+from homeiot.core.reading import FLOAT_FIELDS, Reading
+
+SCHEMA_VERSION = 1
+#: Payloads larger than this are rejected before parsing (a reading is ~300 bytes).
+MAX_PAYLOAD_BYTES = 4096
+
+_TS_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,3})?Z")
+_REQUIRED = frozenset({"v", "ts", "seq", "power_w"})
+_ALLOWED = _REQUIRED | frozenset(FLOAT_FIELDS) | {"fixed_ts"}
+
+
+def load_schema() -> dict[str, Any]:
+    """The published JSON Schema of payload version 1."""
+    text = resources.files("homeiot.core").joinpath("schema/reading-v1.schema.json").read_text(
+        encoding="utf-8"
+    )
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def format_ts(ts: datetime) -> str:
+    """Format a UTC datetime as the wire timestamp, e.g. ``2025-12-16T15:00:00.000Z``."""
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def encode(reading: Reading) -> bytes:
+    """Serialise a reading to its schema-v1 payload. Absent values are absent keys."""
+    obj: dict[str, object] = {"v": SCHEMA_VERSION, "ts": format_ts(reading.ts), "seq": reading.seq}
+    for name in FLOAT_FIELDS:
+        value = getattr(reading, name)
+        if value is not None:
+            obj[name] = value
+    if reading.fixed_ts is not None:
+        obj["fixed_ts"] = format_ts(reading.fixed_ts)
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def decode(payload: bytes, source: str) -> Reading:
+    """Parse a schema-v1 payload received for ``source``.
+
+    Raises :class:`PayloadError` naming the problem for anything that is not a valid reading:
+    bad UTF-8 or JSON, duplicate or unknown keys, wrong types, NaN/Infinity, impossible values.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload is {len(payload)} bytes, more than {MAX_PAYLOAD_BYTES}")
+    try:
+        obj = json.loads(payload, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except PayloadError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+        raise PayloadError(f"payload is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise PayloadError(f"payload must be a JSON object, got {type(obj).__name__}")
+    missing = _REQUIRED - obj.keys()
+    if missing:
+        raise PayloadError(f"missing required key(s): {', '.join(sorted(missing))}")
+    unknown = obj.keys() - _ALLOWED
+    if unknown:
+        raise PayloadError(f"unknown key(s) for schema v1: {', '.join(sorted(unknown))}")
+    version = obj["v"]
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise PayloadError(f"v: unsupported schema version {version!r}, expected 1")
+    seq = obj["seq"]
+    if type(seq) is not int:
+        raise PayloadError(f"seq: must be an integer, got {type(seq).__name__}")
+    numbers: dict[str, float | None] = {}
+    for name in FLOAT_FIELDS:
+        value = obj.get(name)
+        if value is not None and type(value) not in (int, float):
+            raise PayloadError(f"{name}: must be a number, got {type(value).__name__}")
+        if value is None and name in obj:
+            raise PayloadError(f"{name}: null is not allowed; leave the key out when absent")
+        numbers[name] = value
+    fixed_ts = _parse_ts("fixed_ts", obj["fixed_ts"]) if "fixed_ts" in obj else None
+    try:
+        return Reading(
+            source=source,
+            ts=_parse_ts("ts", obj["ts"]),
+            seq=seq,
+            power_w=numbers["power_w"],  # type: ignore[arg-type]  # required: checked above
+            current_r_a=numbers["current_r_a"],
+            current_t_a=numbers["current_t_a"],
+            energy_normal_kwh=numbers["energy_normal_kwh"],
+            energy_reverse_kwh=numbers["energy_reverse_kwh"],
+            fixed_ts=fixed_ts,
+            fixed_energy_normal_kwh=numbers["fixed_energy_normal_kwh"],
+        )
+    except PayloadError:
+        raise
+    except InvalidDataError as exc:
+        raise PayloadError(str(exc)) from exc
+
+
+def _parse_ts(name: str, value: object) -> datetime:
+    if not isinstance(value, str) or _TS_PATTERN.fullmatch(value) is None:
+        raise PayloadError(
+            f"{name}: must be a UTC timestamp like 2025-12-16T15:00:00.000Z, got {value!r}"
+        )
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise PayloadError(f"{name}: {value!r} is not a real date/time: {exc}") from exc
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dupes: set[str] = set()
+        for key, _ in pairs:
+            (dupes if key in seen else seen).add(key)
+        raise PayloadError(f"duplicate key(s): {', '.join(sorted(dupes))}")
+    return obj
+
+
+def _no_constant(name: str) -> float:
+    raise PayloadError(f"{name} is not a number; JSON has no NaN or Infinity")

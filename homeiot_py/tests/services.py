@@ -1,0 +1,287 @@
+"""Real services for the tests: Mosquitto and influxd on free loopback ports in temp dirs.
+
+Nothing here mocks them. Each server is started from the distribution's binary, owned by the
+object that started it, and stopped by that object's PID only — never by name — so a user's own
+Mosquitto or InfluxDB survives the test run. Under ``CI=true`` a missing binary is a failure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from homeiot.core.passwords import hash_password, password_file_line
+
+LOOPBACK = "127.0.0.1"
+
+
+def require_binary(name: str) -> str:
+    """The path of ``name``; skips the test, or fails it under CI=true, when it is missing."""
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    message = f"{name} is not installed (run `make setup`)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {port} within {timeout_s} s:\n{log.read_text()}")
+
+
+class ManagedProcess:
+    """A server process started and stopped by the tests (by its own PID only)."""
+
+    def __init__(self, argv: list[str], log: Path, port: int) -> None:
+        self.argv = argv
+        self.log = log
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc, self.log)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+# --- TLS material ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA and a server certificate signed by it, as PEM files in a directory."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def make_pki(directory: Path, *, dns_names: tuple[str, ...] = ("localhost",),
+             ips: tuple[str, ...] = (LOOPBACK,), prefix: str = "") -> Pki:
+    """Generate a fresh CA and a server certificate with the given SANs (EC P-256)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{prefix}HomeIot test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = Pki(directory / f"{prefix}ca.crt", directory / f"{prefix}server.crt",
+              directory / f"{prefix}server.key")
+    pki.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    pki.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(pki.server_key, server_key)
+    return pki
+
+
+# --- Mosquitto -------------------------------------------------------------------------------
+
+#: The test users: the gateway reads everything under the base topic, each publisher writes
+#: only its own source's topic.
+BASE_TOPIC = "home/power"
+
+
+@dataclass
+class Mosquitto:
+    """A real Mosquitto 2 with only a TLS listener, password file, ACL and persistence."""
+
+    directory: Path
+    pki: Pki
+    port: int
+    users: dict[str, str]
+    process: ManagedProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        binary = require_binary("mosquitto")
+        (self.directory / "data").mkdir(parents=True, exist_ok=True)
+        passwords = self.directory / "passwords"
+        passwords.write_text("".join(
+            password_file_line(user, hash_password(pw)) + "\n" for user, pw in self.users.items()
+        ))
+        passwords.chmod(0o600)
+        acl = self.directory / "aclfile"
+        acl.write_text(
+            f"user gateway\ntopic read {BASE_TOPIC}/#\n\n"
+            f"user meter1\ntopic write {BASE_TOPIC}/meter1\n\n"
+            f"user meter2\ntopic write {BASE_TOPIC}/meter2\n"
+        )
+        conf = self.directory / "mosquitto.conf"
+        conf.write_text(
+            "per_listener_settings false\n"
+            "allow_anonymous false\n"
+            f"password_file {passwords}\n"
+            f"acl_file {acl}\n"
+            "persistence true\n"
+            f"persistence_location {self.directory / 'data'}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 100000\n"
+            "max_inflight_messages 0\n"
+            "log_dest stdout\n"
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+            f"listener {self.port} {LOOPBACK}\n"
+            f"cafile {self.pki.ca_cert}\n"
+            f"certfile {self.pki.server_cert}\n"
+            f"keyfile {self.pki.server_key}\n"
+            "tls_version tlsv1.2\n"
+        )
+        self.process = ManagedProcess([binary, "-c", str(conf)], self.directory / "mosquitto.log",
+                                      self.port)
+
+
+def start_mosquitto(directory: Path, pki: Pki, users: dict[str, str]) -> Mosquitto:
+    broker = Mosquitto(directory, pki, free_port(), users)
+    broker.process.start()
+    return broker
+
+
+# --- InfluxDB --------------------------------------------------------------------------------
+
+
+@dataclass
+class Influxd:
+    """A real influxd 1.x on loopback with its data in a temp dir."""
+
+    directory: Path
+    port: int
+    auth_enabled: bool = False
+    process: ManagedProcess = field(init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def __post_init__(self) -> None:
+        binary = require_binary("influxd")
+        d = self.directory
+        conf = d / "influxdb.conf"
+        conf.write_text(
+            "reporting-disabled = true\n"
+            f'bind-address = "{LOOPBACK}:{free_port()}"\n'
+            f'[meta]\n  dir = "{d / "meta"}"\n  logging-enabled = false\n'
+            f'[data]\n  dir = "{d / "data"}"\n  wal-dir = "{d / "wal"}"\n'
+            "  query-log-enabled = false\n  trace-logging-enabled = false\n"
+            "[monitor]\n  store-enabled = false\n"
+            "[subscriber]\n  enabled = false\n"
+            "[continuous_queries]\n  enabled = false\n"
+            f'[http]\n  bind-address = "{LOOPBACK}:{self.port}"\n'
+            f"  auth-enabled = {'true' if self.auth_enabled else 'false'}\n"
+            "  log-enabled = false\n  max-row-limit = 0\n"
+        )
+        self.process = ManagedProcess([binary, "-config", str(conf)], d / "influxd.log", self.port)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 204:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"influxd not ready:\n{(self.directory / 'influxd.log').read_text()}")
+
+    def admin(self, statement: str, auth: tuple[str, str] | None = None) -> None:
+        """Run an administrative InfluxQL statement (POST /query), failing loudly."""
+        response = httpx.post(f"{self.url}/query", data={"q": statement}, auth=auth, timeout=30.0)
+        response.raise_for_status()
+        body = response.json()
+        for result in body.get("results", []):
+            if "error" in result:
+                raise RuntimeError(f"{statement}: {result['error']}")
+
+
+def start_influxd(directory: Path, *, auth_enabled: bool = False) -> Influxd:
+    server = Influxd(directory, free_port(), auth_enabled)
+    server.process.start()
+    server.wait_ready()
+    return server

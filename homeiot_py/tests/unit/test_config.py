@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from homeiot.config import load_influx, load_mqtt, load_source_default, load_topic
+from homeiot.core.errors import ConfigError
+
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> str:
+    path = tmp_path / "ca.crt"
+    path.write_text(CA_PEM)
+    return str(path)
+
+
+def test_seed_example(ca: str) -> None:
+    settings = load_mqtt({
+        "MQTT_BROKER_URL": "mqtts://homeiot:change-me@mqtt.example.com:8883",
+        "MQTT_TLS_CA_CERT": ca, "MQTT_TOPIC": "home/power",
+    })
+    assert (settings.host, settings.port, settings.username, settings.password) == (
+        "mqtt.example.com", 8883, "homeiot", "change-me")
+    assert settings.topic == "home/power"
+    assert settings.session_expiry_s == 7 * 24 * 3600
+    assert "change-me" not in repr(settings)
+
+
+def test_percent_encoded_credentials_and_defaults(ca: str) -> None:
+    settings = load_mqtt({"MQTT_BROKER_URL": "mqtts://us%40er:p%3Aa%2Fss%40@[::1]",
+                          "MQTT_TLS_CA_CERT": ca})
+    assert (settings.username, settings.password) == ("us@er", "p:a/ss@")
+    assert (settings.host, settings.port, settings.topic) == ("::1", 8883, "home/power")
+
+
+def test_host_variables_without_url(ca: str) -> None:
+    settings = load_mqtt({"MQTT_HOST": "192.0.2.7", "MQTT_USER": "u", "MQTT_PASSWORD": "p",
+                          "MQTT_TLS_CA_CERT": ca, "MQTT_PORT": "18883"})
+    assert (settings.host, settings.port) == ("192.0.2.7", 18883)
+
+
+def test_url_without_credentials_uses_user_variables(ca: str) -> None:
+    settings = load_mqtt({"MQTT_BROKER_URL": "mqtts://h", "MQTT_USER": "u",
+                          "MQTT_PASSWORD": "p", "MQTT_TLS_CA_CERT": ca})
+    assert (settings.username, settings.password) == ("u", "p")
+
+
+MQTT_CASES: list[tuple[dict[str, str], str, str]] = [
+    ({}, "MQTT_BROKER_URL", "is not set"),
+    ({"MQTT_BROKER_URL": "mqtt://u:p@h:1883"}, "MQTT_BROKER_URL", "scheme must be 'mqtts'"),
+    ({"MQTT_BROKER_URL": "https://u:p@h"}, "MQTT_BROKER_URL", "scheme"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@h:99999"}, "MQTT_BROKER_URL", "port"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@h:0"}, "MQTT_BROKER_URL", "port"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@h:abc"}, "MQTT_BROKER_URL", "port"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@:8883"}, "MQTT_BROKER_URL", "no host"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@h:8883/x"}, "MQTT_BROKER_URL", "no path"),
+    ({"MQTT_BROKER_URL": "mqtts://h:8883"}, "MQTT_USER", "anonymous"),
+    ({"MQTT_BROKER_URL": "mqtts://u@h:8883"}, "MQTT_PASSWORD", "no MQTT password"),
+    ({"MQTT_HOST": "h:8883", "MQTT_USER": "u", "MQTT_PASSWORD": "p"}, "MQTT_HOST", "bare host"),
+    ({"MQTT_HOST": "h", "MQTT_PORT": "x", "MQTT_USER": "u", "MQTT_PASSWORD": "p"}, "MQTT_PORT",
+     "integer"),
+    ({"MQTT_HOST": "h", "MQTT_PORT": "70000", "MQTT_USER": "u", "MQTT_PASSWORD": "p"},
+     "MQTT_PORT", "between 1 and 65535"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_TLS_CA_CERT": "/nonexistent/ca.crt"},
+     "MQTT_TLS_CA_CERT", "does not exist"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_TOPIC": "home/#"}, "MQTT_TOPIC", "base topic"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_KEEPALIVE_S": "1"}, "MQTT_KEEPALIVE_S",
+     "between"),
+    ({"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_SESSION_EXPIRY_S": "-5"},
+     "MQTT_SESSION_EXPIRY_S", "between"),
+]
+
+
+@pytest.mark.parametrize(("env", "variable", "message"), MQTT_CASES)
+def test_mqtt_errors_name_the_variable(ca: str, env: dict[str, str], variable: str,
+                                       message: str) -> None:
+    env = {"MQTT_TLS_CA_CERT": ca, **env}
+    with pytest.raises(ConfigError) as info:
+        load_mqtt(env)
+    assert info.value.variable == variable
+    assert str(info.value).startswith(f"{variable}: ")
+    assert message in str(info.value)
+
+
+def test_errors_never_show_the_password(ca: str) -> None:
+    for url in ("mqtt://u:TOPSECRET@h", "mqtts://u:TOPSECRET@h:99999",
+                "mqtts://u:TOPSECRET@h/path"):
+        with pytest.raises(ConfigError) as info:
+            load_mqtt({"MQTT_BROKER_URL": url, "MQTT_TLS_CA_CERT": ca})
+        assert "TOPSECRET" not in str(info.value)
+
+
+def test_ca_file_without_a_certificate(tmp_path: Path) -> None:
+    bogus = tmp_path / "ca.crt"
+    bogus.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="MQTT_TLS_CA_CERT: .* holds no PEM certificate"):
+        load_mqtt({"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_TLS_CA_CERT": str(bogus)})
+
+
+def test_topic_and_source_defaults() -> None:
+    assert load_topic({}) == "home/power"
+    assert load_topic({"MQTT_TOPIC": ""}) == "home/power"
+    assert load_source_default({}) == "meter1"
+    with pytest.raises(ConfigError, match="SOURCE_DEFAULT"):
+        load_source_default({"SOURCE_DEFAULT": "a/b"})
+
+
+def test_influx_defaults_and_auth_inference() -> None:
+    settings = load_influx({})
+    assert (settings.url, settings.database, settings.auth) == ("http://influxdb:8086", "homeiot",
+                                                                "none")
+    assert load_influx({"INFLUXDB_TOKEN": "t"}).auth == "token"
+    settings = load_influx({"INFLUXDB_USER": "u", "INFLUXDB_PASSWORD": "secret-pw"})
+    assert settings.auth == "password"
+    assert "secret-pw" not in repr(settings)
+    assert load_influx({"INFLUXDB_URL": "https://influx.lan:8443/prefix/"}).url == \
+        "https://influx.lan:8443/prefix"
+
+
+INFLUX_CASES: list[tuple[dict[str, str], str, str]] = [
+    ({"INFLUXDB_URL": "influxdb:8086"}, "INFLUXDB_URL", "http(s)://"),
+    ({"INFLUXDB_URL": "ftp://h"}, "INFLUXDB_URL", "http(s)://"),
+    ({"INFLUXDB_URL": "http://u:p@h:8086"}, "INFLUXDB_URL", "credentials"),
+    ({"INFLUXDB_URL": "http://h:8086?db=x"}, "INFLUXDB_URL", "query"),
+    ({"INFLUXDB_URL": "http://h:123456"}, "INFLUXDB_URL", "port"),
+    ({"INFLUXDB_AUTH": "basic"}, "INFLUXDB_AUTH", "none, password or token"),
+    ({"INFLUXDB_AUTH": "token"}, "INFLUXDB_TOKEN", "required"),
+    ({"INFLUXDB_AUTH": "password"}, "INFLUXDB_USER", "required"),
+    ({"INFLUXDB_USER": "u"}, "INFLUXDB_PASSWORD", "required"),
+    ({"INFLUXDB_DB": 'a"b'}, "INFLUXDB_DB", "without"),
+    ({"INFLUXDB_MEASUREMENT": "#x"}, "INFLUXDB_MEASUREMENT", "comment"),
+    ({"INFLUXDB_TIMEOUT_S": "nan"}, "INFLUXDB_TIMEOUT_S", "between"),
+    ({"INFLUXDB_TIMEOUT_S": "soon"}, "INFLUXDB_TIMEOUT_S", "must be a number"),
+]
+
+
+@pytest.mark.parametrize(("env", "variable", "message"), INFLUX_CASES)
+def test_influx_errors_name_the_variable(env: dict[str, str], variable: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_influx(env)
+    assert info.value.variable == variable
+    assert message in str(info.value)
