@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -28,6 +29,8 @@ from cryptography.x509.oid import NameOID
 from homeiot.core.passwords import hash_password, password_file_line
 
 LOOPBACK = "127.0.0.1"
+#: Loopback too, but never in a test certificate's SAN.
+UNLISTED_LOOPBACK = "127.0.0.2"
 
 
 def require_binary(name: str) -> str:
@@ -179,6 +182,8 @@ class Mosquitto:
     pki: Pki
     port: int
     users: dict[str, str]
+    #: A second TLS listener on 127.0.0.2, an address that is loopback but not in the SAN.
+    unlisted_port: int = field(default_factory=free_port)
     process: ManagedProcess = field(init=False)
 
     def __post_init__(self) -> None:
@@ -197,6 +202,9 @@ class Mosquitto:
         )
         conf = self.directory / "mosquitto.conf"
         conf.write_text(
+            # Started as root, Mosquitto would drop to user "mosquitto", which cannot read
+            # pytest's private temp dir; stay whoever runs the tests.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
             "per_listener_settings false\n"
             "allow_anonymous false\n"
             f"password_file {passwords}\n"
@@ -208,12 +216,14 @@ class Mosquitto:
             "max_inflight_messages 0\n"
             "log_dest stdout\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
-            f"listener {self.port} {LOOPBACK}\n"
-            f"cafile {self.pki.ca_cert}\n"
-            f"certfile {self.pki.server_cert}\n"
-            f"keyfile {self.pki.server_key}\n"
-            "tls_version tlsv1.2\n"
         )
+        with conf.open("a") as out:
+            for address, port in ((LOOPBACK, self.port), (UNLISTED_LOOPBACK, self.unlisted_port)):
+                out.write(f"listener {port} {address}\n"
+                          f"cafile {self.pki.ca_cert}\n"
+                          f"certfile {self.pki.server_cert}\n"
+                          f"keyfile {self.pki.server_key}\n"
+                          "tls_version tlsv1.2\n")
         self.process = ManagedProcess([binary, "-c", str(conf)], self.directory / "mosquitto.log",
                                       self.port)
 

@@ -70,20 +70,24 @@ def parse_write_error(text: str) -> tuple[list[str], int | None]:
     return lines, dropped
 
 
+def auth_headers(settings: InfluxSettings) -> dict[str, str]:
+    """The request headers for ``settings``' auth mode (the token header for 2.x and 3)."""
+    headers = {"User-Agent": "homeiot"}
+    if settings.auth == "token":
+        headers["Authorization"] = f"Token {settings.token}"
+    return headers
+
+
 class InfluxClient:
     """A small synchronous client for one database, reusing one HTTP connection pool."""
 
-    def __init__(self, settings: InfluxSettings, *, transport: httpx.BaseTransport | None = None
-                 ) -> None:
+    def __init__(self, settings: InfluxSettings) -> None:
         self.settings = settings
-        headers = {"User-Agent": "homeiot"}
         auth: httpx.Auth | None = None
-        if settings.auth == "token":
-            headers["Authorization"] = f"Token {settings.token}"
-        elif settings.auth == "password":
+        if settings.auth == "password":
             auth = httpx.BasicAuth(settings.username or "", settings.password or "")
-        self._http = httpx.Client(base_url=settings.url, headers=headers, auth=auth,
-                                  timeout=settings.timeout_s, transport=transport)
+        self._http = httpx.Client(base_url=settings.url, headers=auth_headers(settings), auth=auth,
+                                  timeout=settings.timeout_s)
 
     def __enter__(self) -> Self:
         return self

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import time
+import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -28,9 +28,25 @@ logger = logging.getLogger(__name__)
 _AUTH_REASONS = frozenset({134, 135, 138, 140})  # bad user/password, not authorized, banned, auth
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that closes itself when its handshake fails.
+
+    paho creates the TLS socket inside ``connect()`` and drops it unclosed when the handshake
+    raises (a wrong CA, a name not in the SAN), leaking a file descriptor per attempt.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 def tls_context(ca_cert: str) -> ssl.SSLContext:
     """A client TLS context that trusts only ``ca_cert``, checks host names, and speaks TLS ≥ 1.2."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_cert)
+    context.sslsocket_class = _ClosingSSLSocket
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
@@ -103,35 +119,45 @@ def connect(
         ) from exc
 
 
-def wait_connected(client: mqtt.Client, timeout_s: float = 10.0) -> None:
-    """Drive the client's network loop in this thread until the CONNACK arrives.
+def start(client: mqtt.Client, timeout_s: float = 10.0) -> None:
+    """Start the client's network thread and wait until the broker accepted the connection.
 
-    For synchronous tools and start-up checks, before the caller starts its own loop. Raises
-    :class:`MqttAuthError` when the broker refuses our identity and :class:`MqttConnectionError`
-    when the connection fails or no CONNACK arrives within ``timeout_s``.
+    Call after :func:`connect`. Raises :class:`MqttAuthError` when the broker refuses our identity
+    and :class:`MqttConnectionError` when the connection fails or no CONNACK arrives within
+    ``timeout_s``; in both cases the client is closed again. On success the thread keeps running
+    (and reconnects by itself) until :func:`close`.
     """
     previous = client.on_connect
     outcome: list[ReasonCode] = []
+    arrived = threading.Event()
 
     def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                    properties: Any) -> None:
         outcome.append(reason)
+        arrived.set()
         if previous is not None:
             previous(c, userdata, flags, reason, properties)
 
     client.on_connect = on_connect
+    client.loop_start()
     try:
-        deadline = time.monotonic() + timeout_s
-        while not outcome:
-            if time.monotonic() > deadline:
-                raise MqttConnectionError(f"no CONNACK from the broker within {timeout_s} s")
-            rc = client.loop(timeout=0.1)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not outcome:
-                raise MqttConnectionError(f"connection lost before CONNACK: {mqtt.error_string(rc)}")
+        if not arrived.wait(timeout_s):
+            close(client)
+            raise MqttConnectionError(f"no CONNACK from the broker within {timeout_s} s")
     finally:
         client.on_connect = previous
     reason = outcome[0]
     if reason.is_failure:
+        close(client)
         if reason.value in _AUTH_REASONS:
             raise MqttAuthError(f"the broker refused the connection: {reason}")
         raise MqttConnectionError(f"the broker refused the connection: {reason}")
+
+
+def close(client: mqtt.Client) -> None:
+    """Disconnect, stop the network thread and release every socket the client holds."""
+    client.disconnect()
+    client.loop_stop()
+    # paho keeps an internal socket pair (and the broker socket after a refused CONNECT) open
+    # until garbage collection; its only closing routine is private.
+    client._reset_sockets()  # noqa: SLF001
