@@ -227,32 +227,39 @@ def load_influx(env: Env | None = None) -> InfluxSettings:
         raise ConfigError("INFLUXDB_MEASUREMENT", str(exc)) from None
     if '"' in measurement:
         raise ConfigError("INFLUXDB_MEASUREMENT", "must not contain '\"'")
-    username, password, token = (
-        _get(env, "INFLUXDB_USER"), _get(env, "INFLUXDB_PASSWORD"), _get(env, "INFLUXDB_TOKEN")
-    )
-    auth_raw = _get(env, "INFLUXDB_AUTH")
-    auth: InfluxAuth
-    if auth_raw is None:
-        auth = "token" if token else "password" if username else "none"
-    elif auth_raw in ("none", "password", "token"):
-        auth = auth_raw  # type: ignore[assignment]  # narrowed by the membership test
-    else:
-        raise ConfigError("INFLUXDB_AUTH", f"must be none, password or token, got {auth_raw!r}")
-    if auth == "token" and not token:
-        raise ConfigError("INFLUXDB_TOKEN", "is required when INFLUXDB_AUTH is token")
-    if auth == "password":
-        if not username:
-            raise ConfigError("INFLUXDB_USER", "is required when INFLUXDB_AUTH is password")
-        if not password:
-            raise ConfigError("INFLUXDB_PASSWORD", "is required when INFLUXDB_AUTH is password")
+    auth, username, password, token = _influx_auth(env)
     return InfluxSettings(
         url=raw_url.rstrip("/"),
         database=database,
         retention_policy=rp,
         auth=auth,
-        username=username if auth == "password" else None,
-        password=password if auth == "password" else None,
-        token=token if auth == "token" else None,
+        username=username,
+        password=password,
+        token=token,
         measurement=measurement,
         timeout_s=_float(env, "INFLUXDB_TIMEOUT_S", 10.0, 0.1, 600.0),
     )
+
+
+def _influx_auth(env: Env) -> tuple[InfluxAuth, str | None, str | None, str | None]:
+    """The auth mode and the credentials it uses: ``INFLUXDB_AUTH`` or inferred from which
+    secrets are set (token first, then user/password, else none)."""
+    username, password, token = (
+        _get(env, "INFLUXDB_USER"), _get(env, "INFLUXDB_PASSWORD"), _get(env, "INFLUXDB_TOKEN")
+    )
+    auth_raw = _get(env, "INFLUXDB_AUTH")
+    if auth_raw is None:
+        auth_raw = "token" if token else "password" if username else "none"
+    if auth_raw == "token":
+        if not token:
+            raise ConfigError("INFLUXDB_TOKEN", "is required when INFLUXDB_AUTH is token")
+        return "token", None, None, token
+    if auth_raw == "password":
+        if not username:
+            raise ConfigError("INFLUXDB_USER", "is required when INFLUXDB_AUTH is password")
+        if not password:
+            raise ConfigError("INFLUXDB_PASSWORD", "is required when INFLUXDB_AUTH is password")
+        return "password", username, password, None
+    if auth_raw == "none":
+        return "none", None, None, None
+    raise ConfigError("INFLUXDB_AUTH", f"must be none, password or token, got {auth_raw!r}")

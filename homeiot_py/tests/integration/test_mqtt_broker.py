@@ -13,6 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from homeiot.adapters.mqtt import close, connect, create_client, start
 from homeiot.core.errors import MqttAuthError, MqttTlsError
@@ -96,7 +97,7 @@ def test_a_wrong_password_is_refused(mosquitto: Mosquitto) -> None:
 
 
 def test_an_anonymous_client_is_refused(mosquitto: Mosquitto) -> None:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.tls_set(ca_certs=str(mosquitto.pki.ca_cert))
     client.connect(LOOPBACK, mosquitto.port)
     with pytest.raises(MqttAuthError):

@@ -96,7 +96,7 @@ def test_errors_never_show_the_password(ca: str) -> None:
 def test_ca_file_without_a_certificate(tmp_path: Path) -> None:
     bogus = tmp_path / "ca.crt"
     bogus.write_text("not a certificate")
-    with pytest.raises(ConfigError, match="MQTT_TLS_CA_CERT: .* holds no PEM certificate"):
+    with pytest.raises(ConfigError, match=r"MQTT_TLS_CA_CERT: .* holds no PEM certificate"):
         load_mqtt({"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_TLS_CA_CERT": str(bogus)})
 
 

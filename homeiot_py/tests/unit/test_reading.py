@@ -15,7 +15,8 @@ def test_normalises_to_utc_milliseconds() -> None:
     reading = Reading("meter1", TS.astimezone(jst), 1, 500)
     assert reading.ts == datetime(2025, 12, 16, 15, 0, 0, 123000, tzinfo=UTC)
     assert reading.ts.tzinfo is UTC
-    assert reading.power_w == 500.0 and isinstance(reading.power_w, float)
+    assert reading.power_w == 500.0
+    assert isinstance(reading.power_w, float)
 
 
 def test_is_frozen() -> None:
@@ -27,7 +28,7 @@ def test_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"ts": datetime(2025, 1, 1)}, "ts"),  # noqa: DTZ001 - naive on purpose
+        ({"ts": datetime(2025, 1, 1)}, "ts"),
         ({"ts": datetime(1999, 12, 31, tzinfo=UTC)}, "ts"),
         ({"seq": -1}, "seq"),
         ({"seq": True}, "seq"),

@@ -130,7 +130,7 @@ class InfluxClient:
     def ping(self) -> str:
         """Check that InfluxDB answers; returns its version (``X-Influxdb-Version``)."""
         response = self._request("GET", "/ping")
-        return response.headers.get("X-Influxdb-Version", "unknown")
+        return str(response.headers.get("X-Influxdb-Version", "unknown"))
 
     def write(self, lines: Sequence[str], *, batch_size: int = 5000) -> int:
         """Write line-protocol ``lines`` (millisecond timestamps) in batches; returns lines sent.

@@ -8,13 +8,13 @@ Connection failures become ``homeiot`` errors that say what to do: :class:`MqttT
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.client import CallbackOnConnect_v2
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -80,7 +80,7 @@ def create_client(
 
 def connect_properties(session_expiry_s: int) -> Properties:
     """CONNECT properties asking the broker to keep our session for ``session_expiry_s``."""
-    properties = Properties(PacketTypes.CONNECT)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = session_expiry_s
     return properties
 
@@ -113,7 +113,7 @@ def connect(
         ) from exc
     except ssl.SSLError as exc:
         raise MqttTlsError(f"TLS handshake with {settings.host}:{settings.port} failed: {exc}") from exc
-    except (OSError, socket.timeout) as exc:
+    except (TimeoutError, OSError) as exc:
         raise MqttConnectionError(
             f"cannot reach the MQTT broker at {settings.host}:{settings.port}: {exc}"
         ) from exc
@@ -127,7 +127,8 @@ def start(client: mqtt.Client, timeout_s: float = 10.0) -> None:
     ``timeout_s``; in both cases the client is closed again. On success the thread keeps running
     (and reconnects by itself) until :func:`close`.
     """
-    previous = client.on_connect
+    # Our clients all use callback API v2 (create_client), so a user callback has the v2 shape.
+    previous = cast("CallbackOnConnect_v2 | None", client.on_connect)
     outcome: list[ReasonCode] = []
     arrived = threading.Event()
 
@@ -160,4 +161,4 @@ def close(client: mqtt.Client) -> None:
     client.loop_stop()
     # paho keeps an internal socket pair (and the broker socket after a refused CONNECT) open
     # until garbage collection; its only closing routine is private.
-    client._reset_sockets()  # noqa: SLF001
+    client._reset_sockets()

@@ -82,14 +82,7 @@ def decode(payload: bytes, source: str) -> Reading:
     seq = obj["seq"]
     if type(seq) is not int:
         raise PayloadError(f"seq: must be an integer, got {type(seq).__name__}")
-    numbers: dict[str, float | None] = {}
-    for name in FLOAT_FIELDS:
-        value = obj.get(name)
-        if value is not None and type(value) not in (int, float):
-            raise PayloadError(f"{name}: must be a number, got {type(value).__name__}")
-        if value is None and name in obj:
-            raise PayloadError(f"{name}: null is not allowed; leave the key out when absent")
-        numbers[name] = value
+    numbers = {name: _number(obj, name) for name in FLOAT_FIELDS}
     fixed_ts = _parse_ts("fixed_ts", obj["fixed_ts"]) if "fixed_ts" in obj else None
     try:
         return Reading(
@@ -108,6 +101,20 @@ def decode(payload: bytes, source: str) -> Reading:
         raise
     except InvalidDataError as exc:
         raise PayloadError(str(exc)) from exc
+
+
+def _number(obj: dict[str, Any], name: str) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        if name in obj:
+            raise PayloadError(f"{name}: null is not allowed; leave the key out when absent")
+        return None
+    if type(value) not in (int, float):
+        raise PayloadError(f"{name}: must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise PayloadError(f"{name}: {str(value)[:20]}… is far outside the plausible range") from None
 
 
 def _parse_ts(name: str, value: object) -> datetime:

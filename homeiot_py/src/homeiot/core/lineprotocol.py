@@ -108,12 +108,12 @@ def encode_line(
         parts.append(f",{key.translate(_KEY_ESCAPES)}={value.translate(_KEY_ESCAPES)}")
     parts.append(" ")
     first = True
-    for key, value in fields.items():
+    for key, field_value in fields.items():
         _check_key("field key", key)
         if not first:
             parts.append(",")
         first = False
-        parts.append(f"{key.translate(_KEY_ESCAPES)}={format_field_value(key, value)}")
+        parts.append(f"{key.translate(_KEY_ESCAPES)}={format_field_value(key, field_value)}")
     if isinstance(ts_ms, bool) or not isinstance(ts_ms, int):
         raise EncodingError(f"timestamp must be integer milliseconds, got {ts_ms!r}")
     parts.append(f" {ts_ms}")

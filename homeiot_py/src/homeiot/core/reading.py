@@ -57,7 +57,10 @@ def _check_number(field: str, value: float | None, low: float, high: float) -> f
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidReadingError(field, f"must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise InvalidReadingError(field, "integer is far outside the plausible range") from None
     if not math.isfinite(value):
         raise InvalidReadingError(field, f"must be finite, got {value}")
     if not low <= value <= high:

@@ -1,0 +1,60 @@
+# HomeIot developer entry points. `make help` lists them; README.md explains them.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+BIN       := $(VENV)/bin
+PY        := $(BIN)/python
+PYTHON3   ?= python3
+PKG       := homeiot_py
+# The venv's tools first (ansible-lint looks up ansible-playbook on PATH).
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap
+
+.PHONY: help setup setup-apt setup-venv lint lint-python lint-ansible test test-python bench bench-core clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: setup-apt setup-venv ## Install everything the tests need (idempotent, quick on re-run)
+
+setup-apt: ## Debian packages: real Mosquitto, InfluxDB 1.x, Docker, debootstrap
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "apt: installing$$(echo ' '$$missing)"; \
+	    $(SUDO) apt-get update -qq; \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "apt: $(APT_PACKAGES) already installed"; fi
+
+$(VENV)/.stamp: requirements-dev.txt $(PKG)/pyproject.toml
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -e '$(PKG)[server]'
+	touch $@
+
+setup-venv: $(VENV)/.stamp ## The control-node venv: pinned tools + homeiot (editable)
+
+lint: lint-python lint-ansible ## ruff, mypy --strict, yamllint, ansible-lint --profile production
+
+lint-python: setup-venv
+	cd $(PKG) && ../$(BIN)/ruff check . && ../$(BIN)/mypy
+
+lint-ansible: setup-venv
+	$(BIN)/yamllint -s .
+	$(BIN)/ansible-lint --profile production
+	$(BIN)/ansible-playbook site.yml --syntax-check
+
+test: lint test-python ## Lint and every test suite
+
+test-python: setup-venv ## Python unit and integration tests (real Mosquitto and influxd)
+	cd $(PKG) && ../$(BIN)/pytest
+
+bench: bench-core ## Every benchmark (prints figures; asserts nothing about time)
+
+bench-core: setup-venv ## Codec and line-protocol throughput against json.loads/dumps
+	cd $(PKG) && ../$(BIN)/python -m bench.bench_core
+
+clean: ## Remove caches (keeps .venv)
+	rm -rf .cache $(PKG)/.pytest_cache $(PKG)/.mypy_cache $(PKG)/.ruff_cache $(PKG)/.hypothesis
