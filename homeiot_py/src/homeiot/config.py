@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from homeiot.core.errors import ConfigError, EncodingError, TopicError
 from homeiot.core.lineprotocol import DEFAULT_MEASUREMENT, escape_measurement
 from homeiot.core.reading import validate_source
-from homeiot.core.topics import validate_base_topic
+from homeiot.core.topics import subscription_filter, validate_base_topic
 
 Env = Mapping[str, str]
 InfluxAuth = Literal["none", "password", "token"]
@@ -263,3 +264,81 @@ def _influx_auth(env: Env) -> tuple[InfluxAuth, str | None, str | None, str | No
     if auth_raw == "none":
         return "none", None, None, None
     raise ConfigError("INFLUXDB_AUTH", f"must be none, password or token, got {auth_raw!r}")
+
+
+DEFAULT_TIMEZONE = "Asia/Tokyo"
+DEFAULT_DEAD_LETTER_DB = "/data/gateway/dead_letters.sqlite"
+_MIN_TOKEN_LENGTH = 16
+
+
+def load_timezone(env: Env, name: str = "HOMEIOT_TIMEZONE") -> ZoneInfo:
+    """The time zone that defines a "day" (default Asia/Tokyo)."""
+    key = _get(env, name) or DEFAULT_TIMEZONE
+    try:
+        return ZoneInfo(key)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(name, f"unknown time zone {key!r} (use an IANA name like Asia/Tokyo)"
+                          ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """The gateway: MQTT → InfluxDB with manual acks, dead letters, and the API on :8000."""
+
+    mqtt: MqttSettings
+    influx: InfluxSettings
+    client_id: str
+    share_group: str | None = None
+    batch_size: int = 5000
+    batch_age_s: float = 1.0
+    max_future_s: float = 600.0
+    dead_letter_db: Path = Path(DEFAULT_DEAD_LETTER_DB)
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    api_host: str = "0.0.0.0"  # noqa: S104 - inside the compose network; never published
+    api_port: int = 8000
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
+    source_default: str = DEFAULT_SOURCE
+
+
+def load_api_tokens(env: Env) -> tuple[str, ...]:
+    """``API_TOKENS``: comma-separated bearer tokens, each at least 16 characters."""
+    raw = _get(env, "API_TOKENS")
+    if raw is None:
+        raise ConfigError("API_TOKENS", "is not set; the API is on the internet and needs at least "
+                                        "one bearer token")
+    tokens = tuple(t.strip() for t in raw.split(",") if t.strip())
+    if not tokens:
+        raise ConfigError("API_TOKENS", "holds no token")
+    for index, token in enumerate(tokens, 1):
+        if len(token) < _MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+            raise ConfigError("API_TOKENS", f"token #{index} must be at least {_MIN_TOKEN_LENGTH} "
+                                            "printable characters without spaces")
+    return tokens
+
+
+def load_gateway(env: Env | None = None) -> GatewaySettings:
+    """Gateway settings: the MQTT and InfluxDB ones plus ``GATEWAY_*`` and ``API_*``."""
+    env = os.environ if env is None else env
+    mqtt = load_mqtt(env)
+    share_group = _get(env, "GATEWAY_SHARE_GROUP")
+    if share_group is not None:
+        try:
+            subscription_filter(mqtt.topic, share_group)
+        except TopicError as exc:
+            raise ConfigError("GATEWAY_SHARE_GROUP", str(exc)) from None
+    client_id = _get(env, "GATEWAY_CLIENT_ID") or mqtt.client_id or "homeiot-gateway"
+    return GatewaySettings(
+        mqtt=mqtt,
+        influx=load_influx(env),
+        client_id=client_id,
+        share_group=share_group,
+        batch_size=_int(env, "GATEWAY_BATCH_SIZE", 5000, 1, 50_000),
+        batch_age_s=_float(env, "GATEWAY_BATCH_AGE_S", 1.0, 0.01, 60.0),
+        max_future_s=_float(env, "GATEWAY_MAX_FUTURE_S", 600.0, 0.0, 366 * 86400.0),
+        dead_letter_db=Path(_get(env, "GATEWAY_DEAD_LETTER_DB") or DEFAULT_DEAD_LETTER_DB),
+        api_tokens=load_api_tokens(env),
+        api_host=_get(env, "API_HOST") or "0.0.0.0",  # noqa: S104 - see GatewaySettings
+        api_port=_int(env, "API_PORT", 8000, 1, 65535),
+        timezone=load_timezone(env),
+        source_default=load_source_default(env),
+    )

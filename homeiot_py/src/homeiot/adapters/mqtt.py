@@ -25,7 +25,7 @@ from homeiot.core.errors import MqttAuthError, MqttConnectionError, MqttTlsError
 logger = logging.getLogger(__name__)
 
 #: MQTT v5 CONNACK reason codes that mean "your identity or rights", not "try again later".
-_AUTH_REASONS = frozenset({134, 135, 138, 140})  # bad user/password, not authorized, banned, auth
+AUTH_REASONS = frozenset({134, 135, 138, 140})  # bad user/password, not authorized, banned, auth
 
 
 class _ClosingSSLSocket(ssl.SSLSocket):
@@ -78,10 +78,14 @@ def create_client(
     return client
 
 
-def connect_properties(session_expiry_s: int) -> Properties:
-    """CONNECT properties asking the broker to keep our session for ``session_expiry_s``."""
+def connect_properties(session_expiry_s: int, receive_maximum: int | None = None) -> Properties:
+    """CONNECT properties: keep our session for ``session_expiry_s``; with ``receive_maximum``,
+    the broker sends at most that many unacknowledged QoS 1 messages at a time (flow control
+    that bounds a consumer's memory: the backlog stays in the broker)."""
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        properties.ReceiveMaximum = receive_maximum
     return properties
 
 
@@ -91,6 +95,7 @@ def connect(
     *,
     clean_start: bool,
     session_expiry_s: int | None = None,
+    receive_maximum: int | None = None,
 ) -> None:
     """Open the TCP/TLS connection and send CONNECT; the CONNACK arrives in the client's loop.
 
@@ -104,7 +109,7 @@ def connect(
             settings.port,
             keepalive=settings.keepalive_s,
             clean_start=clean_start,
-            properties=connect_properties(expiry),
+            properties=connect_properties(expiry, receive_maximum),
         )
     except ssl.SSLCertVerificationError as exc:
         raise MqttTlsError(
@@ -150,7 +155,7 @@ def start(client: mqtt.Client, timeout_s: float = 10.0) -> None:
     reason = outcome[0]
     if reason.is_failure:
         close(client)
-        if reason.value in _AUTH_REASONS:
+        if reason.value in AUTH_REASONS:
             raise MqttAuthError(f"the broker refused the connection: {reason}")
         raise MqttConnectionError(f"the broker refused the connection: {reason}")
 

@@ -142,3 +142,16 @@ FLOAT_FIELDS: tuple[str, ...] = (
     "energy_reverse_kwh",
     "fixed_energy_normal_kwh",
 )
+
+
+def check_not_future(reading: Reading, now: datetime, max_ahead: timedelta) -> Reading:
+    """Return ``reading`` unless its timestamp is more than ``max_ahead`` after ``now``.
+
+    A meter clock far in the future would write points nobody queries and that later readings
+    never overwrite; such readings are refused (the gateway keeps them as dead letters).
+    """
+    if reading.ts - now > max_ahead:
+        raise InvalidReadingError(
+            "ts", f"{reading.ts.isoformat()} is more than {max_ahead.total_seconds():.0f} s in the future"
+        )
+    return reading

@@ -1,0 +1,107 @@
+"""The dead-letter store: payloads the gateway could not store, kept in SQLite on the data volume.
+
+Each letter keeps the raw payload, its topic, the reason and when it arrived. Letters are written
+(and synced) before the MQTT message is acknowledged, so an invalid payload is never lost, only
+set aside; once the cause is fixed, ``homeiot-gateway replay-dead-letters`` feeds them back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from homeiot.core.errors import ConfigError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at TEXT    NOT NULL,
+    topic       TEXT    NOT NULL,
+    payload     BLOB    NOT NULL,
+    error       TEXT    NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be stored, and why."""
+
+    topic: str
+    payload: bytes
+    error: str
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDeadLetter:
+    """A dead letter with its id in the store."""
+
+    id: int
+    letter: DeadLetter
+
+
+class DeadLetterStore:
+    """A small thread-safe SQLite store (WAL, synchronous=FULL: durable before we acknowledge)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError("GATEWAY_DEAD_LETTER_DB",
+                              f"cannot open the dead-letter store {str(path)!r}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, letters: Iterable[DeadLetter]) -> int:
+        """Store letters in one transaction; returns how many."""
+        rows = [(lt.received_at.astimezone(UTC).isoformat(), lt.topic, lt.payload, lt.error)
+                for lt in letters]
+        if not rows:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO dead_letters (received_at, topic, payload, error) VALUES (?,?,?,?)",
+                    rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return len(rows)
+
+    def count(self) -> int:
+        with self._lock:
+            (total,) = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        return int(total)
+
+    def list(self, *, limit: int = 100, after_id: int = 0) -> list[StoredDeadLetter]:
+        """Letters with ids greater than ``after_id``, oldest first (keyset pagination)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, received_at, topic, payload, error FROM dead_letters "
+                "WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        return [StoredDeadLetter(row[0], DeadLetter(row[2], bytes(row[3]), row[4],
+                                                    datetime.fromisoformat(row[1])))
+                for row in rows]
+
+    def delete(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
+
+    def update_error(self, letter_id: int, error: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE dead_letters SET error = ? WHERE id = ?", (error, letter_id))

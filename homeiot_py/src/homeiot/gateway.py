@@ -1,0 +1,160 @@
+"""``homeiot-gateway`` / ``python -m homeiot.gateway``: run the gateway, or manage dead letters.
+
+Exit codes: 0 clean stop, 2 bad configuration, 3 the broker refused our credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+
+from homeiot.adapters.deadletters import DeadLetterStore
+from homeiot.adapters.influx import InfluxClient
+from homeiot.config import load_gateway
+from homeiot.core import codec
+from homeiot.core.errors import ConfigError, HomeIotError, InvalidDataError
+from homeiot.core.lineprotocol import encode_reading
+from homeiot.core.reading import check_not_future
+from homeiot.core.topics import source_from_topic
+from homeiot.logs import setup_logging
+
+logger = logging.getLogger("homeiot.gateway")
+
+EXIT_CONFIG = 2
+EXIT_AUTH = 3
+
+
+def _run() -> int:
+    import uvicorn  # noqa: PLC0415 - only the serving command needs the web stack
+
+    from homeiot.services.api import ApiContext, create_app  # noqa: PLC0415
+    from homeiot.services.gateway import Gateway  # noqa: PLC0415
+
+    _Server = _server_class()  # noqa: N806 - a class
+    settings = load_gateway()
+    influx = InfluxClient(settings.influx)
+    store = DeadLetterStore(settings.dead_letter_db)
+    server: uvicorn.Server | None = None
+
+    def on_fatal(message: str) -> None:
+        logger.error("fatal: %s", message)
+        if server is not None:
+            server.should_exit = True
+
+    gateway = Gateway(settings, influx, store, on_fatal=on_fatal)
+    app = create_app(ApiContext(
+        influx=influx, dead_letters=store, registry=gateway.metrics.registry,
+        tokens=settings.api_tokens, measurement=settings.influx.measurement,
+        timezone=settings.timezone, source_default=settings.source_default,
+        mqtt_connected=lambda: gateway.mqtt_connected))
+    server = _Server(uvicorn.Config(app, host=settings.api_host, port=settings.api_port,
+                                    log_config=None, access_log=False, timeout_graceful_shutdown=2))
+
+    def on_signal(signum: int, frame: object) -> None:
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    gateway.start()
+    try:
+        server.run()  # returns on SIGTERM/SIGINT
+    finally:
+        gateway.stop()
+        store.close()
+        influx.close()
+    return EXIT_AUTH if gateway.fatal_error else 0
+
+
+def _server_class() -> type:
+    import uvicorn  # noqa: PLC0415
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its shutdown, which would kill the process before the
+        gateway flushed; we own the signals instead (see ``_run``) and exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return Server
+
+
+def _list(limit: int) -> int:
+    settings = load_gateway()
+    store = DeadLetterStore(settings.dead_letter_db)
+    letters = store.list(limit=limit)
+    for stored in letters:
+        letter = stored.letter
+        print(f"{stored.id}\t{letter.received_at.isoformat()}\t{letter.topic}\t{letter.error}\t"
+              f"{letter.payload[:120]!r}")
+    print(f"{store.count()} dead letter(s)", file=sys.stderr)
+    return 0
+
+
+def _replay(dry_run: bool) -> int:
+    """Feed stored dead letters through today's code: those that are valid now are written to
+    InfluxDB and removed; the others stay with their updated reason."""
+    settings = load_gateway()
+    store = DeadLetterStore(settings.dead_letter_db)
+    max_ahead = timedelta(seconds=settings.max_future_s)
+    replayed = kept = 0
+    after = 0
+    with InfluxClient(settings.influx) as influx:
+        while page := store.list(limit=1000, after_id=after):
+            after = page[-1].id
+            lines, ids = [], []
+            for stored in page:
+                letter = stored.letter
+                try:
+                    source = source_from_topic(settings.mqtt.topic, letter.topic)
+                    reading = check_not_future(codec.decode(letter.payload, source),
+                                               datetime.now(UTC), max_ahead)
+                    lines.append(encode_reading(reading, settings.influx.measurement))
+                    ids.append(stored.id)
+                except InvalidDataError as exc:
+                    kept += 1
+                    if not dry_run:
+                        store.update_error(stored.id, str(exc))
+            if lines and not dry_run:
+                influx.write(lines)
+                store.delete(ids)
+            replayed += len(lines)
+    verb = "would replay" if dry_run else "replayed"
+    logger.info("dead letters: %s=%d still_invalid=%d", verb.replace(" ", "_"), replayed, kept)
+    print(f"{verb} {replayed}, still invalid {kept}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="homeiot-gateway", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="consume MQTT into InfluxDB and serve the API (default)")
+    listing = commands.add_parser("dead-letters", help="list stored dead letters")
+    listing.add_argument("--limit", type=int, default=100)
+    replay = commands.add_parser("replay-dead-letters",
+                                 help="store dead letters that are valid now; keep the rest")
+    replay.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        if args.command == "dead-letters":
+            return _list(args.limit)
+        if args.command == "replay-dead-letters":
+            return _replay(args.dry_run)
+        return _run()
+    except ConfigError as exc:
+        logger.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    except HomeIotError as exc:
+        logger.error("%s: %s", type(exc).__name__, exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
