@@ -20,7 +20,7 @@ from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings, InfluxSettings
 from homeiot.core import codec
 from homeiot.core.reading import Reading
-from tests.conftest import USERS, mqtt_settings
+from tests.conftest import mqtt_settings
 from tests.services import BASE_TOPIC, Mosquitto, free_port
 
 API_TOKEN = "test-token-0123456789abcdef"

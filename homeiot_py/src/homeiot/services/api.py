@@ -280,14 +280,15 @@ def energy_daily(
     cumulative counters: the first value of the next day minus the first value of this day."""
     src = source or ctx.source_default
     tz = ctx.timezone
+    for name, value in (("from", from_), ("to", to)):
+        if value is not None and not 2000 <= value.year <= 2198:
+            raise _bad(f"{name} must be between 2000-01-01 and 2198-12-31")
     last_day = to or ctx.clock().astimezone(tz).date()
     first_day = from_ or last_day - timedelta(days=6)
     if first_day > last_day:
         raise _bad("from must not be after to")
     if (last_day - first_day).days >= MAX_DAYS:
         raise _bad(f"at most {MAX_DAYS} days per request")
-    if first_day.year < 2000 or last_day.year > 2198:
-        raise _bad("dates must be between 2000 and 2198")
     start = datetime.combine(first_day, datetime.min.time(), tz)
     stop = datetime.combine(last_day + timedelta(days=2), datetime.min.time(), tz)
     rows = ctx.influx.rows(
