@@ -108,10 +108,11 @@ def stored_seqs(influx: InfluxSettings, source: str = "meter1") -> list[int]:
             'SELECT "seq" FROM "meter_readings" WHERE "source" = $s', params={"s": source}))
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "",
+               interval_s: float = 0.1) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.1)
+        time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")

@@ -228,6 +228,17 @@ class Mosquitto:
                                       self.port)
 
 
+def mosquitto_client_env(directory: Path, tool: str, user: str, password: str) -> dict[str, str]:
+    """Environment for a Mosquitto C client (``tool``: mosquitto_pub or mosquitto_sub) whose
+    credentials come from its options file ``$XDG_CONFIG_HOME/<tool>``, never the command line."""
+    config = directory / f"xdg-{tool}-{user}"
+    config.mkdir(parents=True, exist_ok=True)
+    options = config / tool
+    options.write_text(f"-u {user}\n-P {password}\n")
+    options.chmod(0o600)
+    return {**os.environ, "XDG_CONFIG_HOME": str(config)}
+
+
 def start_mosquitto(directory: Path, pki: Pki, users: dict[str, str]) -> Mosquitto:
     broker = Mosquitto(directory, pki, free_port(), users)
     broker.process.start()
@@ -253,6 +264,7 @@ class Influxd:
     def __post_init__(self) -> None:
         binary = require_binary("influxd")
         d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
         conf = d / "influxdb.conf"
         conf.write_text(
             "reporting-disabled = true\n"

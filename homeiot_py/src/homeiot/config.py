@@ -290,7 +290,7 @@ class GatewaySettings:
     client_id: str
     share_group: str | None = None
     batch_size: int = 5000
-    batch_age_s: float = 1.0
+    batch_age_s: float = 0.5
     max_future_s: float = 600.0
     dead_letter_db: Path = Path(DEFAULT_DEAD_LETTER_DB)
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
@@ -333,7 +333,7 @@ def load_gateway(env: Env | None = None) -> GatewaySettings:
         client_id=client_id,
         share_group=share_group,
         batch_size=_int(env, "GATEWAY_BATCH_SIZE", 5000, 1, 50_000),
-        batch_age_s=_float(env, "GATEWAY_BATCH_AGE_S", 1.0, 0.01, 60.0),
+        batch_age_s=_float(env, "GATEWAY_BATCH_AGE_S", 0.5, 0.01, 60.0),
         max_future_s=_float(env, "GATEWAY_MAX_FUTURE_S", 600.0, 0.0, 366 * 86400.0),
         dead_letter_db=Path(_get(env, "GATEWAY_DEAD_LETTER_DB") or DEFAULT_DEAD_LETTER_DB),
         api_tokens=load_api_tokens(env),

@@ -24,6 +24,7 @@ from tests.services import (
     UNLISTED_LOOPBACK,
     Mosquitto,
     Pki,
+    mosquitto_client_env,
     require_binary,
 )
 
@@ -135,17 +136,6 @@ def test_acl_stops_a_publisher_reading(mosquitto: Mosquitto) -> None:
 
 # --- the same rules, seen by Mosquitto's own C clients ------------------------------------------
 
-def _client_env(tmp_path: Path, tool: str, user: str, password: str) -> dict[str, str]:
-    """Environment for a Mosquitto C client whose credentials come from its options file
-    ($XDG_CONFIG_HOME/<tool>), so no password appears on a command line."""
-    config = tmp_path / f"xdg-{tool}-{user}"
-    config.mkdir(exist_ok=True)
-    options = config / tool
-    options.write_text(f"-u {user}\n-P {password}\n")
-    options.chmod(0o600)
-    return {**os.environ, "XDG_CONFIG_HOME": str(config)}
-
-
 def _tls_args(broker: Mosquitto) -> list[str]:
     return ["-h", LOOPBACK, "-p", str(broker.port), "--cafile", str(broker.pki.ca_cert),
             "-V", "mqttv5", "-q", "1"]
@@ -154,7 +144,7 @@ def _tls_args(broker: Mosquitto) -> list[str]:
 def _sub(tmp_path: Path, broker: Mosquitto, user: str, topic: str) -> subprocess.Popen[str]:
     binary = require_binary("mosquitto_sub")
     return subprocess.Popen([binary, *_tls_args(broker), "-t", topic, "-C", "1", "-W", "5"],
-                            env=_client_env(tmp_path, "mosquitto_sub", user, USERS[user]),
+                            env=mosquitto_client_env(tmp_path, "mosquitto_sub", user, USERS[user]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -165,7 +155,7 @@ def _pub(tmp_path: Path, broker: Mosquitto, user: str, password: str, topic: str
     if cafile is not None:
         args[args.index("--cafile") + 1] = str(cafile)
     return subprocess.run([binary, *args, "-t", topic, "-m", message],
-                          env=_client_env(tmp_path, "mosquitto_pub", user, password),
+                          env=mosquitto_client_env(tmp_path, "mosquitto_pub", user, password),
                           capture_output=True, text=True, timeout=15, check=False)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from homeiot.config import load_influx, load_mqtt, load_source_default, load_topic
+from homeiot.config import load_gateway, load_influx, load_mqtt, load_source_default, load_topic
 from homeiot.core.errors import ConfigError
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -141,5 +141,42 @@ INFLUX_CASES: list[tuple[dict[str, str], str, str]] = [
 def test_influx_errors_name_the_variable(env: dict[str, str], variable: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_influx(env)
+    assert info.value.variable == variable
+    assert message in str(info.value)
+
+
+def _gateway_env(ca: str, **extra: str) -> dict[str, str]:
+    return {"MQTT_BROKER_URL": "mqtts://gw:pw@mqtt:8883", "MQTT_TLS_CA_CERT": ca,
+            "API_TOKENS": "a" * 16 + ", " + "b" * 20, **extra}
+
+
+def test_gateway_defaults(ca: str) -> None:
+    settings = load_gateway(_gateway_env(ca))
+    assert settings.client_id == "homeiot-gateway"
+    assert settings.share_group is None
+    assert (settings.batch_size, settings.batch_age_s) == (5000, 0.5)
+    assert settings.api_tokens == ("a" * 16, "b" * 20)
+    assert settings.timezone.key == "Asia/Tokyo"
+    assert str(settings.dead_letter_db) == "/data/gateway/dead_letters.sqlite"
+    assert "a" * 16 not in repr(settings)
+
+
+GATEWAY_CASES: list[tuple[dict[str, str], str, str]] = [
+    ({"API_TOKENS": ""}, "API_TOKENS", "is not set"),
+    ({"API_TOKENS": " , "}, "API_TOKENS", "holds no token"),
+    ({"API_TOKENS": "short"}, "API_TOKENS", "at least 16"),
+    ({"GATEWAY_SHARE_GROUP": "a/b"}, "GATEWAY_SHARE_GROUP", "share group"),
+    ({"GATEWAY_BATCH_SIZE": "0"}, "GATEWAY_BATCH_SIZE", "between"),
+    ({"GATEWAY_BATCH_AGE_S": "x"}, "GATEWAY_BATCH_AGE_S", "number"),
+    ({"HOMEIOT_TIMEZONE": "Mars/Olympus"}, "HOMEIOT_TIMEZONE", "unknown time zone"),
+    ({"API_PORT": "0"}, "API_PORT", "between"),
+]
+
+
+@pytest.mark.parametrize(("env", "variable", "message"), GATEWAY_CASES)
+def test_gateway_errors_name_the_variable(ca: str, env: dict[str, str], variable: str,
+                                          message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_gateway(_gateway_env(ca, **env))
     assert info.value.variable == variable
     assert message in str(info.value)

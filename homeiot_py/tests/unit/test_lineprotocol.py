@@ -3,10 +3,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from homeiot.core.errors import EncodingError
 from homeiot.core.lineprotocol import FieldValue, encode_line, encode_reading
-from homeiot.core.reading import Reading
+from homeiot.core.reading import Reading, epoch_ms
 
 
 def test_reading_point() -> None:
@@ -59,3 +61,30 @@ def test_unencodable_values_are_errors(measurement: str, tags: dict[str, str],
                                        fields: dict[str, object], message: str) -> None:
     with pytest.raises(EncodingError, match=message):
         encode_line(measurement, tags, fields, 1)  # type: ignore[arg-type]
+
+
+optional_current = st.none() | st.floats(-1e4, 1e4)
+optional_energy = st.none() | st.floats(0, 1e12)
+
+
+@given(
+    source=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", fullmatch=True),
+    ts=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2199, 12, 31),
+                    timezones=st.just(UTC)),
+    seq=st.integers(0, 2**63 - 1), power=st.floats(-1e6, 1e6), current_r=optional_current,
+    current_t=optional_current, energy_n=optional_energy, energy_r=optional_energy,
+    fixed=st.none() | st.tuples(st.datetimes(min_value=datetime(2000, 1, 1),
+                                             max_value=datetime(2199, 12, 31),
+                                             timezones=st.just(UTC)), st.floats(0, 1e12)),
+    measurement=st.sampled_from(["meter_readings", "my readings", "a,b"]),
+)
+def test_fast_reading_encoder_equals_the_generic_one(
+        source: str, ts: datetime, seq: int, power: float, current_r: float | None,
+        current_t: float | None, energy_n: float | None, energy_r: float | None,
+        fixed: tuple[datetime, float] | None, measurement: str) -> None:
+    reading = Reading(source, ts, seq, power, current_r_a=current_r, current_t_a=current_t,
+                      energy_normal_kwh=energy_n, energy_reverse_kwh=energy_r,
+                      fixed_ts=fixed[0] if fixed else None,
+                      fixed_energy_normal_kwh=fixed[1] if fixed else None)
+    generic = encode_line(measurement, {"source": source}, reading.fields(), epoch_ms(reading.ts))
+    assert encode_reading(reading, measurement) == generic

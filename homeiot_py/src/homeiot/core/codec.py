@@ -63,7 +63,7 @@ def decode(payload: bytes, source: str) -> Reading:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload is {len(payload)} bytes, more than {MAX_PAYLOAD_BYTES}")
     try:
-        obj = json.loads(payload, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = _DECODER.decode(payload.decode("utf-8"))
     except PayloadError:
         raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
@@ -141,3 +141,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> float:
     raise PayloadError(f"{name} is not a number; JSON has no NaN or Infinity")
+
+
+# One decoder for all payloads (json.loads would build a new one per call for these hooks).
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)

@@ -23,18 +23,29 @@ MAX_TS = datetime(2200, 1, 1, tzinfo=UTC)
 MAX_SEQ = 2**63 - 1
 
 
+#: Sources already validated. A household has a handful, and the gateway checks every message.
+_KNOWN_SOURCES: set[str] = set()
+_KNOWN_SOURCES_MAX = 1024
+
+
 def validate_source(source: str) -> str:
     """Return ``source`` if it is a valid source name, else raise :class:`TopicError`."""
+    if source in _KNOWN_SOURCES:
+        return source
     if not isinstance(source, str) or SOURCE_PATTERN.fullmatch(source) is None:
         raise TopicError(
             f"source {source!r} is not a valid source name: 1-63 characters of A-Z a-z 0-9 _ . -, "
             "starting with a letter or digit"
         )
+    if len(_KNOWN_SOURCES) < _KNOWN_SOURCES_MAX:
+        _KNOWN_SOURCES.add(source)
     return source
 
 
 def to_utc_ms(ts: datetime, field: str = "ts") -> datetime:
     """Normalise an aware datetime to UTC, truncated to whole milliseconds (the wire precision)."""
+    if ts.tzinfo is UTC and ts.microsecond % 1000 == 0 and MIN_TS <= ts < MAX_TS:
+        return ts  # already normalised: the common case for decoded payloads
     if ts.tzinfo is None or ts.utcoffset() is None:
         raise InvalidReadingError(field, "timestamp must be timezone-aware")
     ts = ts.astimezone(UTC)
@@ -53,6 +64,8 @@ _ONE_MS = timedelta(milliseconds=1)
 
 
 def _check_number(field: str, value: float | None, low: float, high: float) -> float | None:
+    if type(value) is float and low <= value <= high:  # fast path; False for NaN and inf
+        return value
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -101,13 +114,11 @@ class Reading:
             raise InvalidReadingError("seq", f"{self.seq} is outside 0..2**63-1")
         if self.power_w is None:
             raise InvalidReadingError("power_w", "is required")
-        set_(self, "power_w", _check_number("power_w", self.power_w, -MAX_ABS_POWER_W,
-                                            MAX_ABS_POWER_W))
-        for name in ("current_r_a", "current_t_a"):
-            set_(self, name, _check_number(name, getattr(self, name), -MAX_ABS_CURRENT_A,
-                                           MAX_ABS_CURRENT_A))
-        for name in ("energy_normal_kwh", "energy_reverse_kwh", "fixed_energy_normal_kwh"):
-            set_(self, name, _check_number(name, getattr(self, name), 0.0, MAX_ENERGY_KWH))
+        for name, low, high in _BOUNDS:
+            value = getattr(self, name)
+            checked = _check_number(name, value, low, high)
+            if checked is not value:
+                set_(self, name, checked)
         if (self.fixed_ts is None) != (self.fixed_energy_normal_kwh is None):
             raise InvalidReadingError(
                 "fixed_ts", "fixed_ts and fixed_energy_normal_kwh must be given together"
@@ -132,6 +143,15 @@ class Reading:
             out["fixed_ts_ms"] = epoch_ms(self.fixed_ts)
         return out
 
+
+_BOUNDS = (
+    ("power_w", -MAX_ABS_POWER_W, MAX_ABS_POWER_W),
+    ("current_r_a", -MAX_ABS_CURRENT_A, MAX_ABS_CURRENT_A),
+    ("current_t_a", -MAX_ABS_CURRENT_A, MAX_ABS_CURRENT_A),
+    ("energy_normal_kwh", 0.0, MAX_ENERGY_KWH),
+    ("energy_reverse_kwh", 0.0, MAX_ENERGY_KWH),
+    ("fixed_energy_normal_kwh", 0.0, MAX_ENERGY_KWH),
+)
 
 #: Float fields, in wire order (``power_w`` first, required).
 FLOAT_FIELDS: tuple[str, ...] = (

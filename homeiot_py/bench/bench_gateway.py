@@ -1,0 +1,216 @@
+"""Benchmark: how fast the gateway drains a preloaded backlog, against paho and the C client.
+
+Every consumer drains the same backlog of persistent-session QoS 1 messages from a real Mosquitto,
+so the publisher's speed does not matter:
+
+  (a) ``mosquitto_sub -q 1 -c`` — the C client, the practical ceiling;
+  (b) a bare paho subscriber that only acknowledges — the ceiling for any paho-based consumer;
+  (c) the gateway (a ``python -m homeiot.gateway`` process), end to end into InfluxDB, the count
+      verified by query.
+
+Then, at 100 readings/s, the p99 latency from publish to queryable, and the gateway's peak RSS.
+Prints one summary line; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from tests.conftest import USERS, mqtt_settings
+from tests.gateway_support import (
+    Publisher,
+    count_points,
+    gateway_settings,
+    reading,
+    start_gateway_process,
+    wait_until,
+)
+from tests.services import (
+    BASE_TOPIC,
+    LOOPBACK,
+    Mosquitto,
+    make_pki,
+    mosquitto_client_env,
+    require_binary,
+    start_influxd,
+    start_mosquitto,
+)
+
+from homeiot.adapters import mqtt as mqtt_adapter
+from homeiot.adapters.influx import InfluxClient
+from homeiot.config import InfluxSettings
+from homeiot.core.reading import epoch_ms
+
+N = int(os.environ.get("BENCH_GATEWAY_MSGS", "50000"))
+LATENCY_RATE_HZ = 100
+LATENCY_SECONDS = 20
+RECEIVE_MAXIMUM = 10_000  # what the gateway asks for with its default batch size of 5000
+TOPIC_FILTER = f"{BASE_TOPIC}/+"
+
+
+def c_args(broker: Mosquitto) -> list[str]:
+    return [require_binary("mosquitto_sub"), "-h", LOOPBACK, "-p", str(broker.port), "--cafile",
+            str(broker.pki.ca_cert), "-V", "mqttv5", "-q", "1", "-c", "-i", "bench-c",
+            "-x", "86400", "-t", TOPIC_FILTER]
+
+
+def c_register(broker: Mosquitto, env: dict[str, str]) -> None:
+    subprocess.run([*c_args(broker), "-W", "1"], env=env, capture_output=True, check=False,
+                   timeout=30)
+
+
+def c_drain(broker: Mosquitto, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([*c_args(broker), "-C", str(N)], env=env, stdout=subprocess.DEVNULL,
+                   check=True, timeout=600)
+    return N / (time.perf_counter() - start)
+
+
+def paho_session(broker: Mosquitto, on_message: Any = None) -> mqtt.Client:
+    settings = replace(mqtt_settings(broker, "gateway"), session_expiry_s=86400)
+    client = mqtt_adapter.create_client(settings, client_id="bench-paho", manual_ack=True)
+    if on_message is not None:
+        client.on_message = on_message
+    mqtt_adapter.connect(client, settings, clean_start=False, receive_maximum=RECEIVE_MAXIMUM)
+    mqtt_adapter.start(client)
+    return client
+
+
+def paho_register(broker: Mosquitto) -> None:
+    client = paho_session(broker)
+    done = threading.Event()
+    client.on_subscribe = lambda *a: done.set()
+    client.subscribe(TOPIC_FILTER, qos=1)
+    done.wait(10)
+    mqtt_adapter.close(client)
+
+
+def paho_drain(broker: Mosquitto) -> float:
+    received = 0
+    done = threading.Event()
+
+    def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        nonlocal received
+        c.ack(msg.mid, msg.qos)
+        received += 1
+        if received >= N:
+            done.set()
+
+    start = time.perf_counter()
+    client = paho_session(broker, on_message)
+    if not done.wait(600):
+        raise RuntimeError(f"bare paho received only {received} of {N}")
+    rate = N / (time.perf_counter() - start)
+    mqtt_adapter.close(client)
+    return rate
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def latency_p99_ms(publisher: Publisher, influx: InfluxSettings, first_seq: int) -> float:
+    """Publish at 100 Hz; a poller records when each reading first becomes queryable."""
+    sent: dict[int, float] = {}
+    seen: dict[int, float] = {}
+    count = LATENCY_RATE_HZ * LATENCY_SECONDS
+    stop = threading.Event()
+    newest_ms = epoch_ms(reading(first_seq, step_ms=10).ts) - 1
+
+    def poll() -> None:
+        nonlocal newest_ms
+        with InfluxClient(influx) as client:
+            while not stop.is_set():
+                for row in client.rows('SELECT "seq" FROM "meter_readings" WHERE time > '
+                                       f"{newest_ms}ms"):
+                    now = time.perf_counter()
+                    seen.setdefault(row["seq"], now)
+                    newest_ms = max(newest_ms, row["time"])
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    next_at = time.perf_counter()
+    for seq in range(first_seq, first_seq + count):
+        sent[seq] = time.perf_counter()
+        publisher.publish_readings([reading(seq, step_ms=10)])
+        next_at += 1 / LATENCY_RATE_HZ
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+    publisher.wait_all()
+    wait_until(lambda: len(seen) >= count, 30, "every latency reading")
+    stop.set()
+    poller.join()
+    latencies = sorted((seen[s] - sent[s]) * 1000 for s in sent)
+    return latencies[int(0.99 * (len(latencies) - 1))]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
+        root = Path(tmp)
+        broker = start_mosquitto(root / "broker", make_pki(root / "pki"), USERS)
+        influxd = start_influxd(root / "influxd")
+        try:
+            influxd.admin('CREATE DATABASE "bench"')
+            influx = InfluxSettings(url=influxd.url, database="bench")
+            settings = gateway_settings(broker, influx, root, client_id="bench-gw",
+                                        batch_size=5000, batch_age_s=0.5)
+            settings = replace(settings, mqtt=replace(settings.mqtt, session_expiry_s=86400))
+            c_env = mosquitto_client_env(root, "mosquitto_sub", "gateway", USERS["gateway"])
+            # Register the three persistent sessions, then preload the backlog.
+            c_register(broker, c_env)
+            paho_register(broker)
+            log = root / "gateway.log"
+            gw = start_gateway_process(settings, log)
+            wait_until(lambda: "connected: session_present" in log.read_text(), 30, "gateway")
+            time.sleep(0.5)
+            gw.send_signal(signal.SIGTERM)
+            gw.wait(15)
+            publisher = Publisher(broker, "meter1")
+            for start in range(0, N, 5000):
+                publisher.publish_readings(reading(i, step_ms=10) for i in range(start,
+                                                                                 min(N, start + 5000)))
+                publisher.wait_all()
+            print(f"preloaded {N} readings for three sessions", file=sys.stderr)
+
+            c_rate = c_drain(broker, c_env)
+            paho_rate = paho_drain(broker)
+
+            # Timed from the gateway's CONNACK, so Python's start-up is not counted against it.
+            connects = log.read_text().count("connected: session_present")
+            gw = start_gateway_process(settings, log)
+            wait_until(lambda: log.read_text().count("connected: session_present") > connects,
+                       60, "the gateway to connect", interval_s=0.005)
+            started = time.perf_counter()
+            wait_until(lambda: count_points(influx) >= N, 600, "the gateway's drain",
+                       interval_s=0.02)
+            rate = N / (time.perf_counter() - started)
+            lost = N - count_points(influx)
+
+            p99 = latency_p99_ms(publisher, influx, N)
+            rss = peak_rss_mb(gw.pid)
+            gw.send_signal(signal.SIGTERM)
+            gw.wait(15)
+            publisher.close()
+        finally:
+            broker.process.stop()
+            influxd.process.stop()
+    print(f"gateway_bench msgs={N} rate={rate:.0f} paho_rate={paho_rate:.0f} c_rate={c_rate:.0f} "
+          f"ratio_paho={rate / paho_rate:.2f} ratio_c={rate / c_rate:.2f} lost={lost} "
+          f"p99_ms={p99:.0f} rss_mb={rss:.1f}")
+
+
+if __name__ == "__main__":
+    main()
