@@ -342,3 +342,37 @@ def load_gateway(env: Env | None = None) -> GatewaySettings:
         timezone=load_timezone(env),
         source_default=load_source_default(env),
     )
+
+
+DEFAULT_PARQUET_ROOT = "/data/parquet"
+DEFAULT_DUCKDB_PATH = "/data/duckdb/home_energy.duckdb"
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveSettings:
+    """The archiver: InfluxDB → Parquet → DuckDB, one local day at a time."""
+
+    influx: InfluxSettings
+    parquet_root: Path = Path(DEFAULT_PARQUET_ROOT)
+    duckdb_path: Path = Path(DEFAULT_DUCKDB_PATH)
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
+    chunk_size: int = 10_000
+    max_days: int = 31
+    source_default: str = DEFAULT_SOURCE
+
+
+def load_archive(env: Env | None = None) -> ArchiveSettings:
+    """Archive settings: ``INFLUXDB_*``, ``ARCHIVE_*`` and ``HOMEIOT_TIMEZONE``."""
+    env = os.environ if env is None else env
+    duckdb_path = Path(_get(env, "ARCHIVE_DUCKDB_PATH") or DEFAULT_DUCKDB_PATH)
+    if duckdb_path.suffix != ".duckdb":
+        raise ConfigError("ARCHIVE_DUCKDB_PATH", f"must end in .duckdb, got {str(duckdb_path)!r}")
+    return ArchiveSettings(
+        influx=load_influx(env),
+        parquet_root=Path(_get(env, "ARCHIVE_PARQUET_ROOT") or DEFAULT_PARQUET_ROOT),
+        duckdb_path=duckdb_path,
+        timezone=load_timezone(env),
+        chunk_size=_int(env, "ARCHIVE_CHUNK_SIZE", 10_000, 100, 1_000_000),
+        max_days=_int(env, "ARCHIVE_MAX_DAYS", 31, 1, 3660),
+        source_default=load_source_default(env),
+    )

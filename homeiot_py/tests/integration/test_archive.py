@@ -1,0 +1,312 @@
+"""The archiver against real influxd, pyarrow and DuckDB: the seed's flow and everything around it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import duckdb
+import pyarrow.dataset as ds
+import pytest
+
+from homeiot.adapters.duckdb_store import ArchivePaths
+from homeiot.adapters.influx import InfluxClient
+from homeiot.config import ArchiveSettings, InfluxSettings
+from homeiot.core.days import yesterday
+from homeiot.core.lineprotocol import encode_reading
+from homeiot.core.reading import Reading
+from homeiot.services.archiver import KILL_AT_ENV, KILL_POINTS, archive_days
+
+pytestmark = pytest.mark.integration
+
+TOKYO = ZoneInfo("Asia/Tokyo")
+DAY = date(2025, 12, 16)
+
+
+@pytest.fixture
+def settings(influx_db: InfluxSettings, tmp_path: Path) -> ArchiveSettings:
+    return ArchiveSettings(influx=influx_db, parquet_root=tmp_path / "parquet",
+                           duckdb_path=tmp_path / "duckdb" / "home_energy.duckdb", timezone=TOKYO)
+
+
+def env_for(settings: ArchiveSettings, **extra: str) -> dict[str, str]:
+    return {**os.environ, "INFLUXDB_URL": settings.influx.url,
+            "INFLUXDB_DB": settings.influx.database,
+            "ARCHIVE_PARQUET_ROOT": str(settings.parquet_root),
+            "ARCHIVE_DUCKDB_PATH": str(settings.duckdb_path),
+            "HOMEIOT_TIMEZONE": settings.timezone.key, **extra}
+
+
+def run(module: str, settings: ArchiveSettings, *args: str, **extra: str
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], env=env_for(settings, **extra),
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def write_day(settings: ArchiveSettings, day: date, *, every_min: int = 30, source: str = "meter1",
+              power: float = 100.0) -> int:
+    """Readings every ``every_min`` minutes over the local day; returns how many."""
+    tz = settings.timezone
+    start = datetime.combine(day, time(0), tz).astimezone(UTC)
+    end = datetime.combine(day + timedelta(days=1), time(0), tz).astimezone(UTC)
+    lines, ts, seq = [], start, 0
+    while ts < end:
+        lines.append(encode_reading(Reading(source, ts, seq, power + seq, energy_normal_kwh=seq * 0.1,
+                                            fixed_ts=ts, fixed_energy_normal_kwh=seq * 0.1)))
+        ts += timedelta(minutes=every_min)
+        seq += 1
+    with InfluxClient(settings.influx) as influx:
+        influx.write(lines)
+    return len(lines)
+
+
+def count(path: Path, where: str = "") -> int:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        row = con.execute(f"SELECT count(*) FROM raw_meter_readings {where}").fetchone()
+    finally:
+        con.close()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_seeds_flow_verbatim(settings: ArchiveSettings) -> None:
+    """dev_seed then run_archive, as in the seed's runbook, for yesterday in Asia/Tokyo."""
+    day = yesterday(datetime.now(UTC), TOKYO)
+    start = datetime.combine(day, time(0), TOKYO).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    seeded = run("homeiot_batch.dev_seed", settings, "--start-utc", start,
+                 "--interval-minutes", "30", "--count", "48")
+    assert seeded.returncode == 0, seeded.stdout + seeded.stderr
+    archived = run("homeiot_batch.run_archive", settings)
+    assert archived.returncode == 0, archived.stdout + archived.stderr
+    partition = settings.parquet_root / "raw_meter_readings" / f"dt={day.isoformat()}"
+    assert [p.name for p in partition.iterdir()] == ["part-0.parquet"]
+    assert count(settings.duckdb_path) == 48
+    assert count(settings.duckdb_path, f"WHERE dt = DATE '{day}' AND source = 'meter1'") == 48
+    # The Parquet reads back with hive partitioning in pyarrow and in DuckDB.
+    table = ds.dataset(settings.parquet_root / "raw_meter_readings", format="parquet",
+                       partitioning="hive").to_table()
+    assert table.num_rows == 48
+    assert {str(v) for v in table.column("dt").unique().to_pylist()} == {day.isoformat()}
+    glob = str(settings.parquet_root / "raw_meter_readings" / "*" / "*.parquet")
+    con = duckdb.connect()
+    row = con.execute("SELECT count(*), min(dt), count(DISTINCT seq) FROM "
+                      "read_parquet(?, hive_partitioning = true)", [glob]).fetchone()
+    con.close()
+    assert row == (48, day, 48)
+    # The table's types are the documented ones.
+    con = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    types = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                             "WHERE table_name = 'raw_meter_readings'").fetchall())
+    con.close()
+    assert types["ts"] == "TIMESTAMP WITH TIME ZONE"
+    assert types["dt"] == "DATE"
+    assert types["seq"] == "BIGINT"
+    assert types["power_w"] == "DOUBLE"
+    # Nothing left behind: no WAL, no next, no staging file.
+    names = sorted(p.name for p in settings.duckdb_path.parent.iterdir())
+    assert names == ["home_energy.duckdb", "home_energy.duckdb.lock"]
+    assert list((settings.parquet_root / ".staging").iterdir()) == []
+
+
+def test_rerunning_a_day_replaces_it(settings: ArchiveSettings) -> None:
+    write_day(settings, DAY)
+    archive_days(settings, [DAY])
+    parquet_file = settings.parquet_root / "raw_meter_readings" / f"dt={DAY}" / "part-0.parquet"
+    first_inode = parquet_file.stat().st_ino
+    write_day(settings, DAY, every_min=15, source="meter2")  # more data for that day arrives
+    archive_days(settings, [DAY])
+    assert parquet_file.stat().st_ino != first_inode
+    assert count(settings.duckdb_path) == 48 + 96  # no duplicates of the first run's rows
+    paths = ArchivePaths(settings.duckdb_path)
+    assert count(paths.prev) == 48  # the previous state
+    archive_days(settings, [DAY])
+    assert count(settings.duckdb_path) == 48 + 96
+    assert count(paths.prev) == 48 + 96
+
+
+@pytest.mark.parametrize("step", KILL_POINTS)
+def test_a_run_killed_at_any_step_leaves_a_consistent_state(settings: ArchiveSettings,
+                                                            step: str) -> None:
+    write_day(settings, DAY)
+    archive_days(settings, [DAY])
+    before = settings.duckdb_path.read_bytes()
+    next_day = DAY + timedelta(days=1)
+    write_day(settings, next_day)
+    killed = run("homeiot_batch.run_archive", settings, "--date", str(next_day),
+                 **{KILL_AT_ENV: step})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert settings.duckdb_path.read_bytes() == before  # live untouched
+    assert count(settings.duckdb_path) == 48
+    assert not ArchivePaths.wal(settings.duckdb_path).exists()
+    again = run("homeiot_batch.run_archive", settings, "--date", str(next_day))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert count(settings.duckdb_path) == 96
+    assert count(settings.duckdb_path, f"WHERE dt = DATE '{next_day}'") == 48
+    assert not ArchivePaths(settings.duckdb_path).next.exists()
+    assert list((settings.parquet_root / ".staging").iterdir()) == []
+
+
+def test_a_reader_keeps_working_during_the_swap(settings: ArchiveSettings) -> None:
+    write_day(settings, DAY)
+    archive_days(settings, [DAY])
+    reader = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    assert reader.execute("SELECT count(*) FROM raw_meter_readings").fetchone() == (48,)
+    write_day(settings, DAY + timedelta(days=1))
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def keep_reading() -> None:
+        while not done.is_set():
+            try:
+                assert reader.execute("SELECT count(*), sum(power_w) FROM raw_meter_readings"
+                                      ).fetchone() is not None
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=keep_reading)
+    thread.start()
+    archive_days(settings, [DAY + timedelta(days=1)])
+    done.set()
+    thread.join()
+    assert errors == []
+    assert reader.execute("SELECT count(*) FROM raw_meter_readings").fetchone() == (48,)
+    reader.close()
+    assert count(settings.duckdb_path) == 96  # a new connection sees the new data
+
+
+def test_catch_up_archives_every_missed_day_including_an_empty_one(
+        settings: ArchiveSettings) -> None:
+    through = yesterday(datetime.now(UTC), TOKYO)
+    first = through - timedelta(days=6)
+    write_day(settings, first)
+    archive_days(settings, [first])
+    for offset in (1, 2, 4, 5, 6):  # the server was off for a week; offset 3 has no data at all
+        write_day(settings, first + timedelta(days=offset))
+    result = run("homeiot_batch.run_archive", settings)
+    assert result.returncode == 0, result.stdout + result.stderr
+    con = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    days = dict(con.execute("SELECT dt, row_count FROM archive_days").fetchall())
+    con.close()
+    assert sorted(days) == [first + timedelta(days=i) for i in range(7)]
+    assert days[first + timedelta(days=3)] == 0
+    empty = settings.parquet_root / "raw_meter_readings" / f"dt={first + timedelta(days=3)}"
+    assert (empty / "part-0.parquet").exists()  # an empty day is archived too, as zero rows
+    assert count(settings.duckdb_path) == 6 * 48
+    again = run("homeiot_batch.run_archive", settings)
+    assert again.returncode == 0
+    assert "nothing to do" in again.stdout
+
+
+def test_max_days_bounds_a_run_and_the_next_run_goes_on(settings: ArchiveSettings) -> None:
+    through = yesterday(datetime.now(UTC), TOKYO)
+    archive_days(settings, [through - timedelta(days=5)])
+    result = run("homeiot_batch.run_archive", settings, "--max-days", "2")
+    assert result.returncode == 0, result.stderr
+    assert "days=2" in result.stdout
+    result = run("homeiot_batch.run_archive", settings)
+    assert "days=3" in result.stdout
+
+
+@pytest.mark.parametrize(("day", "hours"), [(date(2025, 3, 30), 23), (date(2025, 10, 26), 25),
+                                            (date(2025, 6, 1), 24)])
+def test_dst_days_are_archived_whole(influx_db: InfluxSettings, tmp_path: Path, day: date,
+                                     hours: int) -> None:
+    settings = ArchiveSettings(influx=influx_db, parquet_root=tmp_path / "parquet",
+                               duckdb_path=tmp_path / "home_energy.duckdb",
+                               timezone=ZoneInfo("Europe/Berlin"))
+    for offset in (-1, 0, 1):
+        write_day(settings, day + timedelta(days=offset))
+    archive_days(settings, [day])
+    assert count(settings.duckdb_path) == hours * 2
+    con = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    con.execute("SET TimeZone = 'Europe/Berlin'")
+    first, last = con.execute("SELECT min(ts)::VARCHAR, max(ts)::VARCHAR FROM raw_meter_readings"
+                              ).fetchone() or ("", "")
+    con.close()
+    assert first.startswith(f"{day} 00:00:00")
+    assert last.startswith(f"{day} 23:30:00")
+
+
+def test_a_second_concurrent_run_exits_at_once(settings: ArchiveSettings) -> None:
+    lock = settings.duckdb_path.with_name("home_energy.duckdb.lock")
+    lock.parent.mkdir(parents=True)
+    with lock.open("ab") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        result = run("homeiot_batch.run_archive", settings, "--date", str(DAY))
+    assert result.returncode == 75
+    assert "another archive run holds" in result.stdout
+
+
+def test_failures_leave_the_live_database_as_it_was(settings: ArchiveSettings, tmp_path: Path
+                                                    ) -> None:
+    write_day(settings, DAY)
+    archive_days(settings, [DAY])
+    before = settings.duckdb_path.read_bytes()
+    down = replace(settings, influx=replace(settings.influx, url="http://127.0.0.1:9"))
+    result = run("homeiot_batch.run_archive", down, "--date", str(DAY + timedelta(days=1)))
+    assert result.returncode == 3
+    assert "InfluxDB" in result.stdout
+    wal = ArchivePaths.wal(settings.duckdb_path)
+    wal.write_bytes(b"foreign")
+    result = run("homeiot_batch.run_archive", settings, "--date", str(DAY))
+    assert result.returncode == 1
+    assert "home_energy.duckdb.wal exists" in result.stdout
+    wal.unlink()
+    assert settings.duckdb_path.read_bytes() == before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--date", "2025-02-30"], "is not a date"),
+    (["--to", "2025-01-01"], "--to needs --from"),
+    (["--from", "2025-01-05", "--to", "2025-01-01"], "start is after end"),
+    (["--date", "2199-01-01"], "is not over yet"),
+    (["--max-days", "0"], "at least 1"),
+])
+def test_bad_arguments_exit_2_with_a_reason(settings: ArchiveSettings, args: list[str],
+                                            message: str) -> None:
+    result = run("homeiot_batch.run_archive", settings, *args)
+    assert result.returncode == 2
+    assert message in result.stdout + result.stderr
+
+
+def test_bad_configuration_names_the_variable(settings: ArchiveSettings) -> None:
+    result = run("homeiot_batch.run_archive", settings, ARCHIVE_DUCKDB_PATH="/tmp/x.db")
+    assert result.returncode == 2
+    assert "ARCHIVE_DUCKDB_PATH" in result.stdout
+
+
+def test_verification_catches_a_next_file_that_differs_from_its_source(
+        settings: ArchiveSettings) -> None:
+    from homeiot.adapters import duckdb_store  # noqa: PLC0415
+    from homeiot.adapters.duckdb_store import ArchiveError  # noqa: PLC0415
+
+    write_day(settings, DAY)
+    write_day(settings, DAY + timedelta(days=1))
+    archive_days(settings, [DAY])
+    paths = ArchivePaths(settings.duckdb_path)
+    files = {DAY + timedelta(days=1): settings.parquet_root / "raw_meter_readings"
+             / f"dt={DAY + timedelta(days=1)}" / "part-0.parquet"}
+    archive_days(settings, list(files))  # writes that day's Parquet
+    live_counts = duckdb_store.day_counts(paths.live)
+    for tamper, message in (
+        ("UPDATE raw_meter_readings SET power_w = power_w + 1 WHERE seq = 3 AND dt = ?",
+         "sum_power_w"),
+        ("DELETE FROM raw_meter_readings WHERE seq = 3 AND dt = ?", "rows"),
+        ("DELETE FROM raw_meter_readings WHERE dt <> ?", "though that day was not archived"),
+    ):
+        duckdb_store.build_next(paths, files)
+        con = duckdb.connect(str(paths.next))
+        con.execute(tamper, [DAY + timedelta(days=1)])
+        con.execute("CHECKPOINT")
+        con.close()
+        with pytest.raises(ArchiveError, match=message):
+            duckdb_store.verify_next(paths, files, live_counts)
