@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap
 
-.PHONY: help setup setup-apt setup-venv lint lint-python lint-ansible test test-python bench bench-core bench-gateway clean
+.PHONY: help setup setup-apt setup-venv lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -51,13 +51,16 @@ test: lint test-python ## Lint and every test suite
 test-python: setup-venv ## Python unit and integration tests (real Mosquitto and influxd)
 	cd $(PKG) && ../$(BIN)/pytest
 
-bench: bench-core bench-gateway ## Every benchmark (prints figures; asserts nothing about time)
+bench: bench-core bench-gateway bench-archive ## Every benchmark (prints figures; asserts nothing about time)
 
 bench-core: setup-venv ## Codec and line-protocol throughput against json.loads/dumps
 	cd $(PKG) && ../$(BIN)/python -m bench.bench_core
 
 bench-gateway: setup-venv ## Gateway drain rate vs bare paho and mosquitto_sub; p99 latency; RSS
 	cd $(PKG) && ../$(BIN)/python -m bench.bench_gateway
+
+bench-archive: setup-venv ## run_archive vs the raw curl export of one 16-meter 1 Hz day; RSS; 90-day history
+	cd $(PKG) && ../$(BIN)/python -m bench.bench_archive
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .cache $(PKG)/.pytest_cache $(PKG)/.mypy_cache $(PKG)/.ruff_cache $(PKG)/.hypothesis

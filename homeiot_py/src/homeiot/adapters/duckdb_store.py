@@ -52,6 +52,16 @@ _NUMERIC = ("seq", "power_w", "current_r_a", "current_t_a", "energy_normal_kwh",
             "energy_reverse_kwh", "fixed_energy_normal_kwh")
 
 
+#: DuckDB may otherwise take 80 % of RAM and every core; the archive shares a small home server.
+_CONFIG: dict[str, str | int] = {"memory_limit": os.environ.get("ARCHIVE_DUCKDB_MEMORY_LIMIT", "256MB"), "threads": 2}
+
+
+def connect(path: Path | None = None, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the archive's resource limits (in-memory when ``path`` is None)."""
+    return duckdb.connect(str(path) if path is not None else ":memory:", read_only=read_only,
+                          config=dict(_CONFIG))
+
+
 class ArchiveError(HomeIotError):
     """The archive could not be built or verified; the live database is unchanged."""
 
@@ -93,7 +103,7 @@ def day_stats(con: duckdb.DuckDBPyConnection, days: Sequence[date]) -> dict[str,
 
 def parquet_stats(files: Mapping[date, Path]) -> dict[str, dict[str, Any]]:
     """The same aggregates computed from the Parquet source files."""
-    con = duckdb.connect()
+    con = connect()
     out: dict[str, dict[str, Any]] = {}
     try:
         for day, path in files.items():
@@ -111,7 +121,7 @@ def day_counts(path: Path) -> dict[str, int]:
     """Rows per day in a database file (read-only); empty when the file does not exist."""
     if not path.exists():
         return {}
-    con = duckdb.connect(str(path), read_only=True)
+    con = connect(path, read_only=True)
     try:
         rows = con.execute(f"SELECT dt::VARCHAR, count(*) FROM {TABLE} GROUP BY dt").fetchall()
     except duckdb.CatalogException:
@@ -125,7 +135,7 @@ def last_archived_day(path: Path) -> date | None:
     """The newest day recorded in ``archive_days`` of the live file, if any."""
     if not path.exists():
         return None
-    con = duckdb.connect(str(path), read_only=True)
+    con = connect(path, read_only=True)
     try:
         row = con.execute("SELECT max(dt) FROM archive_days").fetchone()
     except duckdb.CatalogException:
@@ -150,7 +160,7 @@ def build_next(paths: ArchivePaths, files: Mapping[date, Path]) -> None:
     remove_leftovers(paths)
     if paths.live.exists():
         shutil.copyfile(paths.live, paths.next)
-    con = duckdb.connect(str(paths.next))
+    con = connect(paths.next)
     try:
         con.execute(DDL)
         con.execute("BEGIN TRANSACTION")
@@ -234,7 +244,7 @@ def swap(paths: ArchivePaths) -> None:
 def _verify_main(argv: Sequence[str]) -> int:
     """``python -m homeiot.adapters.duckdb_store FILE DAY...``: print the aggregates as JSON."""
     path, days = Path(argv[0]), [date.fromisoformat(d) for d in argv[1:]]
-    con = duckdb.connect(str(path), read_only=True)
+    con = connect(path, read_only=True)
     try:
         stats = day_stats(con, days) if days else {}
         counts = {d: int(n) for d, n in con.execute(

@@ -1,0 +1,152 @@
+"""Benchmark the archiver on one day of 1 Hz readings from 16 meters (1,382,400 points).
+
+Reference measured in the same run: the raw export of that day — the same chunked InfluxQL query
+fetched with curl to /dev/null. Then ``run_archive`` for that day (wall time and peak RSS), then
+the same day again after the DuckDB history has grown to 90 days. Prints one summary line; asserts
+nothing about time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+from tests.services import start_influxd
+
+from homeiot.adapters.influx import InfluxClient
+from homeiot.config import InfluxSettings
+from homeiot.core.days import day_window
+from homeiot.core.reading import epoch_ms
+
+SOURCES = int(os.environ.get("BENCH_ARCHIVE_SOURCES", "16"))
+SECONDS = 86_400
+DAY = date(2025, 12, 16)
+HISTORY_DAYS = 90
+
+
+def load_day(influx: InfluxSettings, start_ms: int) -> int:
+    """1 Hz readings for every source over the day, written in 10,000-line batches."""
+    with InfluxClient(influx) as client:
+        total = 0
+        batch: list[str] = []
+        for second in range(SECONDS):
+            ts = start_ms + second * 1000
+            for s in range(SOURCES):
+                power = 200.0 + (second * 7 + s * 13) % 900
+                batch.append(f"meter_readings,source=meter{s:02d} seq={second}i,power_w={power},"
+                             f"current_r_a={power / 200},energy_normal_kwh="
+                             f"{1000 + second / 3600} {ts}")
+            if len(batch) >= 10_000:
+                client.write(batch, batch_size=len(batch))
+                total += len(batch)
+                batch = []
+        client.write(batch, batch_size=len(batch))
+        return total + len(batch)
+
+
+def raw_export_seconds(url: str, statement: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(["/usr/bin/curl", "-sfG", f"{url}/query", "--data-urlencode", "db=bench",
+                    "--data-urlencode", f"q={statement}", "--data-urlencode", "chunked=true",
+                    "--data-urlencode", "chunk_size=10000", "--data-urlencode", "epoch=ms",
+                    "-o", os.devnull], check=True)
+    return time.perf_counter() - started
+
+
+def _hwm_mb(pid: int) -> float:
+    """VmHWM (peak RSS since exec) of a live process, 0 when it is gone. ``ru_maxrss`` of a
+    forked child would include the benchmark's own pages from before the exec."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def timed_archive(env: dict[str, str]) -> tuple[float, float]:
+    """Seconds and peak RSS (MB, the largest of the process and its verifier) of
+    ``run_archive --date DAY`` in its own process."""
+    import psutil  # noqa: PLC0415
+
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "homeiot_batch.run_archive", "--date",
+                             DAY.isoformat()], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    peak = 0.0
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            pids = [proc.pid, *(c.pid for c in parent.children(recursive=True))]
+        except psutil.Error:
+            pids = [proc.pid]
+        peak = max(peak, *(_hwm_mb(pid) for pid in pids))
+        time.sleep(0.01)
+    seconds = time.perf_counter() - started
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"run_archive failed:\n{output}")
+    return seconds, peak
+
+
+def grow_history(path: Path, rows_per_day: int) -> None:
+    """Fill the live database with 89 more days of the same shape, as the archive would hold."""
+    con = duckdb.connect(str(path))
+    for offset in range(1, HISTORY_DAYS):
+        day = DAY - timedelta(days=offset)
+        con.execute(
+            "INSERT INTO raw_meter_readings (ts, source, seq, power_w, current_r_a, "
+            "energy_normal_kwh, dt) SELECT to_timestamp(epoch(?::TIMESTAMPTZ) + i // ?) , "
+            "'meter' || lpad((i % ?)::VARCHAR, 2, '0'), i // ?, 200.0 + i % 900, 1.0, "
+            "1000.0, ?::DATE FROM range(?) t(i)",
+            [datetime.combine(day, datetime.min.time(), UTC), SOURCES, SOURCES, SOURCES, day,
+             rows_per_day])
+        con.execute("INSERT OR REPLACE INTO archive_days VALUES (?, ?, now())", [day, rows_per_day])
+    con.execute("CHECKPOINT")
+    con.close()
+
+
+def main() -> None:
+    from zoneinfo import ZoneInfo  # noqa: PLC0415
+
+    tz = ZoneInfo("Asia/Tokyo")
+    start, end = day_window(DAY, tz)
+    with tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp:
+        root = Path(tmp)
+        server = start_influxd(root / "influxd")
+        try:
+            server.admin('CREATE DATABASE "bench"')
+            influx = InfluxSettings(url=server.url, database="bench", timeout_s=600)
+            loaded_at = time.perf_counter()
+            rows = load_day(influx, epoch_ms(start))
+            print(f"loaded {rows} points in {time.perf_counter() - loaded_at:.0f} s",
+                  file=sys.stderr)
+            statement = (f'SELECT * FROM "meter_readings" WHERE time >= {epoch_ms(start)}ms '
+                         f"AND time < {epoch_ms(end)}ms")
+            raw = min(raw_export_seconds(server.url, statement) for _ in range(2))
+            env = {**os.environ, "INFLUXDB_URL": server.url, "INFLUXDB_DB": "bench",
+                   "INFLUXDB_TIMEOUT_S": "600", "ARCHIVE_PARQUET_ROOT": str(root / "parquet"),
+                   "ARCHIVE_DUCKDB_PATH": str(root / "duckdb" / "home_energy.duckdb")}
+            seconds, rss = timed_archive(env)
+            grown_at = time.perf_counter()
+            grow_history(root / "duckdb" / "home_energy.duckdb", rows)
+            size_mb = (root / "duckdb" / "home_energy.duckdb").stat().st_size / 1e6
+            print(f"history grown to {HISTORY_DAYS} days ({size_mb:.0f} MB) in "
+                  f"{time.perf_counter() - grown_at:.0f} s", file=sys.stderr)
+            seconds90, rss90 = timed_archive(env)
+        finally:
+            server.process.stop()
+    print(f"archive_bench rows={rows} seconds={seconds:.1f} raw_export_seconds={raw:.1f} "
+          f"ratio={seconds / raw:.2f} peak_rss_mb={max(rss, rss90):.0f} "
+          f"history90_ratio={seconds90 / seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()
