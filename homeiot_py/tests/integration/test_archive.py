@@ -16,6 +16,7 @@ import duckdb
 import pyarrow.dataset as ds
 import pytest
 
+from homeiot.adapters import duckdb_store
 from homeiot.adapters.duckdb_store import ArchivePaths
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import ArchiveSettings, InfluxSettings
@@ -157,7 +158,8 @@ def test_a_run_killed_at_any_step_leaves_a_consistent_state(settings: ArchiveSet
 def test_a_reader_keeps_working_during_the_swap(settings: ArchiveSettings) -> None:
     write_day(settings, DAY)
     archive_days(settings, [DAY])
-    reader = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    # The same settings as the archiver's: one process may not open a file twice differently.
+    reader = duckdb_store.connect(settings.duckdb_path, read_only=True)
     assert reader.execute("SELECT count(*) FROM raw_meter_readings").fetchone() == (48,)
     write_day(settings, DAY + timedelta(days=1))
     done = threading.Event()
@@ -174,9 +176,11 @@ def test_a_reader_keeps_working_during_the_swap(settings: ArchiveSettings) -> No
 
     thread = threading.Thread(target=keep_reading)
     thread.start()
-    archive_days(settings, [DAY + timedelta(days=1)])
-    done.set()
-    thread.join()
+    try:
+        archive_days(settings, [DAY + timedelta(days=1)])
+    finally:
+        done.set()
+        thread.join()
     assert errors == []
     assert reader.execute("SELECT count(*) FROM raw_meter_readings").fetchone() == (48,)
     reader.close()
@@ -286,7 +290,6 @@ def test_bad_configuration_names_the_variable(settings: ArchiveSettings) -> None
 
 def test_verification_catches_a_next_file_that_differs_from_its_source(
         settings: ArchiveSettings) -> None:
-    from homeiot.adapters import duckdb_store  # noqa: PLC0415
     from homeiot.adapters.duckdb_store import ArchiveError  # noqa: PLC0415
 
     write_day(settings, DAY)
