@@ -134,13 +134,16 @@ def main() -> None:
             env = {**os.environ, "INFLUXDB_URL": server.url, "INFLUXDB_DB": "bench",
                    "INFLUXDB_TIMEOUT_S": "600", "ARCHIVE_PARQUET_ROOT": str(root / "parquet"),
                    "ARCHIVE_DUCKDB_PATH": str(root / "duckdb" / "home_energy.duckdb")}
-            seconds, rss = timed_archive(env)
+            # Best of two, like the reference (the second run re-archives the same day).
+            runs = [timed_archive(env) for _ in range(2)]
+            seconds, rss = min(r[0] for r in runs), max(r[1] for r in runs)
             grown_at = time.perf_counter()
             grow_history(root / "duckdb" / "home_energy.duckdb", rows)
             size_mb = (root / "duckdb" / "home_energy.duckdb").stat().st_size / 1e6
             print(f"history grown to {HISTORY_DAYS} days ({size_mb:.0f} MB) in "
                   f"{time.perf_counter() - grown_at:.0f} s", file=sys.stderr)
-            seconds90, rss90 = timed_archive(env)
+            runs90 = [timed_archive(env) for _ in range(2)]
+            seconds90, rss90 = min(r[0] for r in runs90), max(r[1] for r in runs90)
         finally:
             server.process.stop()
     print(f"archive_bench rows={rows} seconds={seconds:.1f} raw_export_seconds={raw:.1f} "

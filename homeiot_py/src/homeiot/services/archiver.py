@@ -158,18 +158,23 @@ def archive_days(settings: ArchiveSettings, days: list[date],
                 staged, rows = export_day(influx, settings, day)
                 _kill_point("parquet_staged")
                 written = parquet.publish_day(settings.parquet_root, day, staged, rows)
+                pa.default_memory_pool().release_unused()  # hand the export's buffers back
                 files[day] = written.path
                 results.append(DayResult(day, rows, time.monotonic() - started))
                 logger.info("archive: day=%s rows=%d parquet=%s seconds=%.2f", day, rows,
                             written.path, results[-1].seconds)
+        started = time.monotonic()
         live_counts = duckdb_store.day_counts(paths.live)
         duckdb_store.build_next(paths, files)
+        built = time.monotonic()
         _kill_point("next_built")
         duckdb_store.verify_next(paths, files, live_counts)
+        verified = time.monotonic()
         _kill_point("before_swap")
         duckdb_store.swap(paths)
-        logger.info("archive: swapped %s into %s (previous kept as %s)", paths.next.name,
-                    paths.live.name, paths.prev.name)
+        logger.info("archive: swapped %s into %s (previous kept as %s) build_seconds=%.2f "
+                    "verify_seconds=%.2f", paths.next.name, paths.live.name, paths.prev.name,
+                    built - started, verified - built)
     return results
 
 
