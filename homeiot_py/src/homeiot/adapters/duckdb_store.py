@@ -53,7 +53,10 @@ _NUMERIC = ("seq", "power_w", "current_r_a", "current_t_a", "energy_normal_kwh",
 
 
 #: DuckDB may otherwise take 80 % of RAM and every core; the archive shares a small home server.
-_CONFIG: dict[str, str | int] = {"memory_limit": os.environ.get("ARCHIVE_DUCKDB_MEMORY_LIMIT", "160MB"), "threads": 2}
+_CONFIG: dict[str, str | int] = {
+    "memory_limit": os.environ.get("ARCHIVE_DUCKDB_MEMORY_LIMIT", "160MB"),
+    "threads": 2,
+}
 
 
 def connect(path: Path | None = None, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
