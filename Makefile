@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap
 
-.PHONY: help setup setup-apt setup-venv lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive clean
+.PHONY: help setup setup-apt setup-venv lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ bench-gateway: setup-venv ## Gateway drain rate vs bare paho and mosquitto_sub; 
 
 bench-archive: setup-venv ## run_archive vs the raw curl export of one 16-meter 1 Hz day; RSS; 90-day history
 	cd $(PKG) && ../$(BIN)/python -m bench.bench_archive
+
+drill-publisher: setup-venv ## 60 s publisher drill: broker down 20 s, one SIGKILL; counts loss
+	cd $(PKG) && ../$(BIN)/python -m bench.drill_publisher
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .cache $(PKG)/.pytest_cache $(PKG)/.mypy_cache $(PKG)/.ruff_cache $(PKG)/.hypothesis

@@ -376,3 +376,74 @@ def load_archive(env: Env | None = None) -> ArchiveSettings:
         max_days=_int(env, "ARCHIVE_MAX_DAYS", 31, 1, 3660),
         source_default=load_source_default(env),
     )
+
+
+DEFAULT_OUTBOX = "/var/lib/homeiot/outbox.sqlite"
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherSettings:
+    """The Raspberry Pi publisher: meter → outbox → MQTT."""
+
+    mqtt: MqttSettings
+    source: str
+    client_id: str
+    meter: Literal["simulated"] = "simulated"
+    interval_s: float = 10.0
+    outbox: Path = Path(DEFAULT_OUTBOX)
+    outbox_max_rows: int = 2_000_000
+    outbox_max_age_days: float = 30.0
+    backlog_rate: float = 100.0
+    window: int = 100
+    seed: int = 1
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
+
+
+def load_publisher(env: Env | None = None) -> PublisherSettings:
+    """Publisher settings: the MQTT ones plus ``PUBLISHER_*`` (docs/configuration.md)."""
+    env = os.environ if env is None else env
+    mqtt = load_mqtt(env)
+    source = load_source_default(env)
+    meter = _get(env, "PUBLISHER_METER") or "simulated"
+    if meter == "broute":
+        raise ConfigError("PUBLISHER_METER", "the broute backend is not part of this version yet; "
+                                             "use simulated")
+    if meter != "simulated":
+        raise ConfigError("PUBLISHER_METER", f"must be simulated (or broute, coming), got {meter!r}")
+    return PublisherSettings(
+        mqtt=mqtt,
+        source=source,
+        client_id=mqtt.client_id or f"homeiot-publisher-{source}",
+        meter="simulated",
+        interval_s=_float(env, "PUBLISHER_INTERVAL_S", 10.0, 0.01, 3600.0),
+        outbox=Path(_get(env, "PUBLISHER_OUTBOX") or DEFAULT_OUTBOX),
+        outbox_max_rows=_int(env, "PUBLISHER_OUTBOX_MAX_ROWS", 2_000_000, 1000, 100_000_000),
+        outbox_max_age_days=_float(env, "PUBLISHER_OUTBOX_MAX_AGE_DAYS", 30.0, 1.0, 3650.0),
+        backlog_rate=_float(env, "PUBLISHER_BACKLOG_RATE", 100.0, 1.0, 100_000.0),
+        window=_int(env, "PUBLISHER_WINDOW", 100, 1, 10_000),
+        seed=_int(env, "SIMULATED_SEED", 1, 0, 2**31),
+        timezone=load_timezone(env),
+    )
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of an env file (as systemd's EnvironmentFile reads them): blank lines and
+    ``#`` comments skipped, one pair of surrounding quotes removed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--env-file", f"cannot read {str(path)!r}: {exc}") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError("--env-file", f"{path}:{number} is not KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values

@@ -73,7 +73,7 @@ def create_client(
     )
     client.tls_set_context(tls_context(str(settings.ca_cert)))
     client.username_pw_set(settings.username, settings.password)
-    client.reconnect_delay_set(min_delay=1, max_delay=60)
+    client.reconnect_delay_set(min_delay=1, max_delay=10)
     client.enable_logger(logging.getLogger("paho"))
     return client
 

@@ -1,0 +1,251 @@
+"""The publisher: meter → outbox (SQLite) → MQTT QoS 1, deleting a reading only on its PUBACK.
+
+Two threads. The meter thread reads the meter every ``interval_s`` and hands readings over. The
+pump thread owns the outbox: it commits what the meter handed over (one transaction for whatever
+is waiting), publishes new readings at once, drains the backlog (what was in the outbox when the
+connection came up) oldest first at ``backlog_rate``, keeps at most ``window`` messages in flight,
+and deletes rows as their PUBACKs arrive (paho's ``on_publish``, by message id).
+
+paho resends its own in-flight messages after a reconnect; rows it holds are skipped when the
+backlog is drained. After a restart everything in the outbox is sent again — a reading delivered
+twice overwrites itself downstream, so duplicates are harmless and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from homeiot.adapters import mqtt as mqtt_adapter
+from homeiot.adapters.meters import Meter
+from homeiot.adapters.outbox import Outbox
+from homeiot.config import PublisherSettings
+from homeiot.core.errors import HomeIotError
+from homeiot.core.reading import Reading, epoch_ms
+from homeiot.core.topics import topic_for
+
+logger = logging.getLogger(__name__)
+
+_PRUNE_EVERY_S = 600.0
+_STATS_EVERY_S = 60.0
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd about our state (``READY=1``, ``WATCHDOG=1``, …) when run as a notify unit."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.send(message.encode(), socket.MSG_DONTWAIT)  # never block the pump on systemd
+        except OSError as exc:
+            logger.debug("sd_notify failed: %s", exc)
+
+
+class Publisher:
+    """See the module docstring."""
+
+    def __init__(self, settings: PublisherSettings, meter: Meter, outbox: Outbox) -> None:
+        self.settings = settings
+        self.meter = meter
+        self.outbox = outbox
+        self.topic = topic_for(settings.mqtt.topic, settings.source)
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._readings: queue.Queue[Reading] = queue.Queue()
+        self._acked: queue.Queue[int] = queue.Queue()
+        self._connects = 0
+        self._inflight: dict[int, int] = {}  # mid → outbox id; pump thread only
+        self._backlog_cursor = 0
+        self._backlog_end = 0
+        self._live_after = 0
+        self._seen_connects = 0
+        self._tokens = 0.0
+        self._client = mqtt_adapter.create_client(settings.mqtt, client_id=settings.client_id)
+        self._client.max_inflight_messages_set(settings.window)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._meter_thread = threading.Thread(target=self._meter_loop, name="meter", daemon=True)
+        self._watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
+        self.published = 0
+        self.delivered = 0
+
+    # --- paho callbacks (network thread): hand over, never touch the outbox -------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            logger.error("broker refused the connection: %s", reason)
+            return
+        self._connects += 1
+        self.connected.set()
+        self._wake.set()
+        logger.info("connected to %s:%s", self.settings.mqtt.host, self.settings.mqtt.port)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       properties: Any) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            logger.warning("disconnected: %s; readings stay in the outbox (%d)", reason,
+                           len(self.outbox))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Any) -> None:
+        self._acked.put(mid)
+        self._wake.set()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until :meth:`stop`; commits and publishes on this thread."""
+        s = self.settings.mqtt
+        self.meter.open()
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=True,
+                                   properties=mqtt_adapter.connect_properties(0))
+        self._client.loop_start()
+        self._meter_thread.start()
+        sd_notify("READY=1")
+        logger.info("publisher running: source=%s topic=%s meter=%s interval=%.2fs outbox=%s "
+                    "(%d waiting)", self.settings.source, self.topic, self.settings.meter,
+                    self.settings.interval_s, self.settings.outbox, len(self.outbox))
+        try:
+            self._pump()
+        finally:
+            self._meter_thread.join(5)
+            self._commit()  # what the meter read before the stop is kept for the next start
+            self._settle(2.0)
+            mqtt_adapter.close(self._client)
+            self.meter.close()
+            logger.info("publisher stopped: published=%d delivered=%d waiting=%d",
+                        self.published, self.delivered, len(self.outbox))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # --- meter thread ---------------------------------------------------------------------------
+
+    def _meter_loop(self) -> None:
+        interval = self.settings.interval_s
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._readings.put(self.meter.read())
+                self._wake.set()
+            except HomeIotError as exc:
+                logger.warning("meter read failed: %s", exc)
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (a slow meter): do not burst to catch up
+                next_at = time.monotonic()
+                delay = 0
+            self._stop.wait(delay)
+
+    # --- pump thread ----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        last_tick = time.monotonic()
+        last_prune = last_stats = last_watchdog = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            now = time.monotonic()
+            self._tokens = min(self.settings.backlog_rate,
+                               self._tokens + (now - last_tick) * self.settings.backlog_rate)
+            last_tick = now
+            self._commit()
+            self._settle_acks()
+            if self.connected.is_set():
+                self._publish()
+            if now - last_prune > _PRUNE_EVERY_S:
+                self.outbox.prune_older_than(epoch_ms(datetime.now(UTC)))
+                last_prune = now
+            if now - last_stats > _STATS_EVERY_S:
+                logger.info("publisher: published=%d delivered=%d in_flight=%d waiting=%d",
+                            self.published, self.delivered, len(self._inflight), len(self.outbox))
+                last_stats = now
+            if self._watchdog_s and now - last_watchdog >= self._watchdog_s:
+                sd_notify("WATCHDOG=1")  # from the pump: a stuck pump lets systemd restart us
+                last_watchdog = now
+
+    def _commit(self) -> None:
+        batch: list[Reading] = []
+        while True:
+            try:
+                batch.append(self._readings.get_nowait())
+            except queue.Empty:
+                break
+        if batch:
+            self.outbox.add(batch)
+
+    def _settle_acks(self) -> None:
+        ids = []
+        while True:
+            try:
+                mid = self._acked.get_nowait()
+            except queue.Empty:
+                break
+            row_id = self._inflight.pop(mid, None)
+            if row_id is not None:
+                ids.append(row_id)
+        if ids:
+            self.delivered += self.outbox.delete(ids)
+
+    def _settle(self, timeout_s: float) -> None:
+        """On the way out: wait briefly for PUBACKs of what is in flight (the rest is resent)."""
+        deadline = time.monotonic() + timeout_s
+        while self._inflight and self.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._settle_acks()
+
+    def _publish(self) -> None:
+        if self._connects != self._seen_connects:
+            # A (re)connect: everything in the outbox up to now is backlog, drained at a bounded
+            # rate; rows paho still holds are skipped (paho resends them itself).
+            self._seen_connects = self._connects
+            self._backlog_end = self._live_after = self.outbox.max_id()
+            logger.info("backlog: %d reading(s) to send at %.0f/s", len(self.outbox),
+                        self.settings.backlog_rate)
+        room = self.settings.window - len(self._inflight)
+        if room <= 0:
+            return
+        # New readings first: they go out as they come.
+        for row in self.outbox.after(self._live_after, 2**62, room):
+            self._send(row.id, row.payload)
+            self._live_after = row.id
+            room -= 1
+        holding = set(self._inflight.values())
+        while room > 0 and self._backlog_cursor < self._backlog_end and self._tokens >= 1:
+            rows = self.outbox.after(self._backlog_cursor, self._backlog_end,
+                                     min(room, int(self._tokens)))
+            if not rows:
+                self._backlog_cursor = self._backlog_end
+                break
+            for row in rows:
+                self._backlog_cursor = row.id
+                if row.id in holding:
+                    continue
+                self._send(row.id, row.payload)
+                self._tokens -= 1
+                room -= 1
+
+    def _send(self, row_id: int, payload: bytes) -> None:
+        info = self._client.publish(self.topic, payload, qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise HomeIotError(f"publish failed: {mqtt.error_string(info.rc)}")
+        self._inflight[info.mid] = row_id
+        self.published += 1

@@ -1,0 +1,122 @@
+"""The publisher: its outbox (real SQLite), its process under systemd-style notify, and the drill
+against a real Mosquitto (broker outage + SIGKILL, nothing lost)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from homeiot.adapters.outbox import Outbox
+from homeiot.config import load_publisher, read_env_file
+from homeiot.core import codec
+from homeiot.core.errors import ConfigError
+from homeiot.core.reading import Reading, epoch_ms
+from tests.conftest import USERS
+from tests.drill import publisher_env, run_drill
+from tests.services import Pki, start_mosquitto
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2025, 12, 16, 15, tzinfo=UTC)
+
+
+def readings(n: int, start: int = 0, source: str = "meter1") -> list[Reading]:
+    return [Reading(source, T0 + timedelta(seconds=start + i), 0, 100.0 + i) for i in range(n)]
+
+
+def test_outbox_numbers_seq_on_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    box = Outbox(path)
+    first = box.add(readings(3) + readings(2, source="meter2"))
+    assert [r.seq for r in first] == [0, 1, 2, 0, 1]
+    box.close()
+    box = Outbox(path)
+    assert len(box) == 5
+    assert [r.seq for r in box.add(readings(2, 10))] == [3, 4]
+    rows = box.after(0, box.max_id(), 100)
+    assert [codec.decode(r.payload, r.source).seq for r in rows] == [0, 1, 2, 0, 1, 3, 4]
+    assert box.delete([rows[0].id, rows[0].id, 10_000]) == 1
+    assert len(box) == 6
+    box.close()
+
+
+def test_outbox_drops_the_oldest_when_full_and_says_so(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    box = Outbox(tmp_path / "outbox.sqlite", max_rows=1000, max_age_days=1)
+    box.add(readings(1200))
+    assert len(box) == 1000
+    assert "dropped the 200 oldest" in caplog.text
+    oldest = box.after(0, box.max_id(), 1)[0]
+    assert oldest.seq == 200
+    with caplog.at_level(logging.WARNING):
+        dropped = box.prune_older_than(epoch_ms(T0 + timedelta(days=1, seconds=500)))
+    assert dropped == 300  # seconds 200..499 were left after the cap; 500 s is the cutoff
+    assert "older than 1 days" in caplog.text
+    box.close()
+
+
+def test_env_file_and_configuration_errors(tmp_path: Path) -> None:
+    env_file = tmp_path / "publisher.env"
+    env_file.write_text('# the Pi\nMQTT_BROKER_URL="mqtts://u:p@h:8883"\n\nMQTT_TOPIC=home/power\n')
+    assert read_env_file(env_file) == {"MQTT_BROKER_URL": "mqtts://u:p@h:8883",
+                                       "MQTT_TOPIC": "home/power"}
+    env_file.write_text("this is not an assignment\n")
+    with pytest.raises(ConfigError, match=r"publisher.env:1 is not KEY=VALUE"):
+        read_env_file(env_file)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    base = {"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_TLS_CA_CERT": str(ca)}
+    assert load_publisher(base).client_id == "homeiot-publisher-meter1"
+    for env, variable in (({"PUBLISHER_METER": "broute"}, "PUBLISHER_METER"),
+                          ({"PUBLISHER_METER": "magic"}, "PUBLISHER_METER"),
+                          ({"PUBLISHER_INTERVAL_S": "0"}, "PUBLISHER_INTERVAL_S"),
+                          ({"PUBLISHER_WINDOW": "x"}, "PUBLISHER_WINDOW")):
+        with pytest.raises(ConfigError) as info:
+            load_publisher({**base, **env})
+        assert info.value.variable == variable
+
+
+def test_the_process_notifies_systemd_and_stops_cleanly(
+        tmp_path_factory: pytest.TempPathFactory, pki: Pki, tmp_path: Path) -> None:
+    broker = start_mosquitto(tmp_path_factory.mktemp("broker"), pki, USERS)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = tmp_path / "notify.sock"
+    notify.bind(str(notify_path))
+    notify.settimeout(20)
+    env = {**publisher_env(broker, tmp_path / "outbox.sqlite", 10),
+           "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        messages = {notify.recv(64).decode() for _ in range(3)}
+        assert "READY=1" in messages
+        assert "WATCHDOG=1" in messages
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0
+        assert "publisher stopped" in output
+        assert USERS["meter1"] not in output  # the password never reaches the log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        notify.close()
+        broker.process.stop()
+
+
+def test_drill_broker_outage_and_sigkill_lose_nothing(tmp_path: Path) -> None:
+    result = run_drill(tmp_path, duration_s=16, rate=20)
+    print(result.line())
+    assert result.produced >= 200
+    assert result.lost == 0
+    assert result.delivered_unique == result.produced
+    assert result.rss_mb < 60
