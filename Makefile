@@ -11,7 +11,7 @@ PKG       := homeiot_py
 # The venv's tools first (ansible-lint looks up ansible-playbook on PATH).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
-APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap
+APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap curl
 
 .PHONY: help setup setup-apt setup-venv lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
 

@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
-from tests.services import start_influxd
+from tests.services import start_influxd, vm_hwm_mb
 
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import InfluxSettings
@@ -59,18 +59,6 @@ def raw_export_seconds(url: str, statement: str) -> float:
     return time.perf_counter() - started
 
 
-def _hwm_mb(pid: int) -> float:
-    """VmHWM (peak RSS since exec) of a live process, 0 when it is gone. ``ru_maxrss`` of a
-    forked child would include the benchmark's own pages from before the exec."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def timed_archive(env: dict[str, str]) -> tuple[float, float]:
     """Seconds and peak RSS (MB, the largest of the process and its verifier) of
     ``run_archive --date DAY`` in its own process."""
@@ -87,7 +75,7 @@ def timed_archive(env: dict[str, str]) -> tuple[float, float]:
             pids = [proc.pid, *(c.pid for c in parent.children(recursive=True))]
         except psutil.Error:
             pids = [proc.pid]
-        peak = max(peak, *(_hwm_mb(pid) for pid in pids))
+        peak = max(peak, *(vm_hwm_mb(pid) for pid in pids))
         time.sleep(0.01)
     seconds = time.perf_counter() - started
     output = proc.stdout.read().decode() if proc.stdout else ""

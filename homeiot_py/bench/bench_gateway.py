@@ -44,6 +44,7 @@ from tests.services import (
     require_binary,
     start_influxd,
     start_mosquitto,
+    vm_hwm_mb,
 )
 
 from homeiot.adapters import mqtt as mqtt_adapter
@@ -113,13 +114,6 @@ def paho_drain(broker: Mosquitto) -> float:
     rate = N / (time.perf_counter() - start)
     mqtt_adapter.close(client)
     return rate
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def latency_p99_ms(publisher: Publisher, influx: InfluxSettings, first_seq: int) -> float:
@@ -200,7 +194,7 @@ def main() -> None:
             lost = N - count_points(influx)
 
             p99 = latency_p99_ms(publisher, influx, N)
-            rss = peak_rss_mb(gw.pid)
+            rss = vm_hwm_mb(gw.pid)
             gw.send_signal(signal.SIGTERM)
             gw.wait(15)
             publisher.close()

@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 
 from homeiot.adapters import mqtt as mqtt_adapter
 from tests.conftest import USERS, mqtt_settings
-from tests.services import BASE_TOPIC, Mosquitto, make_pki, start_mosquitto
+from tests.services import BASE_TOPIC, Mosquitto, make_pki, start_mosquitto, vm_hwm_mb
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,6 @@ def publisher_env(broker: Mosquitto, outbox: Path, rate: float) -> dict[str, str
             "SOURCE_DEFAULT": "meter1", "PUBLISHER_METER": "simulated",
             "PUBLISHER_INTERVAL_S": str(1 / rate), "PUBLISHER_OUTBOX": str(outbox),
             "PUBLISHER_BACKLOG_RATE": "500", "PUBLISHER_WINDOW": "200"}
-
-
-def _hwm_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 class Subscriber:
@@ -111,7 +101,7 @@ def run_drill(root: Path, *, duration_s: float, rate: float) -> DrillResult:
         nonlocal peak
         until = time.monotonic() + seconds
         while time.monotonic() < until:
-            peak = max(peak, _hwm_mb(proc.pid))
+            peak = max(peak, vm_hwm_mb(proc.pid))
             time.sleep(0.05)
 
     try:

@@ -44,6 +44,18 @@ def require_binary(name: str) -> str:
     pytest.skip(message)
 
 
+def vm_hwm_mb(pid: int) -> float:
+    """Peak RSS (VmHWM, MB) of a live process since its exec; 0 once it is gone. (``ru_maxrss`` of a
+    forked child would also count the parent's pages from before the exec.)"""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago."""
     with socket.socket() as sock:
