@@ -298,7 +298,7 @@ class Gateway:
                 return False
             if self._stopping.wait(delay) and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_FLUSH_S
-            delay = min(_BACKOFF_MAX_S, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
+            delay = min(_BACKOFF_MAX_S, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
 
     @staticmethod
     def _set_aside(batch: list[_Item], exc: InfluxPartialWriteError) -> None:
