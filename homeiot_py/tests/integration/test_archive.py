@@ -259,6 +259,11 @@ def test_failures_leave_the_live_database_as_it_was(settings: ArchiveSettings, t
     result = run("homeiot_batch.run_archive", down, "--date", str(DAY + timedelta(days=1)))
     assert result.returncode == 3
     assert "InfluxDB" in result.stdout
+    # A wrong database name must not archive "empty" days.
+    wrong_db = replace(settings, influx=replace(settings.influx, database="typo"))
+    result = run("homeiot_batch.run_archive", wrong_db, "--date", str(DAY + timedelta(days=1)))
+    assert result.returncode == 1
+    assert "database not found" in result.stdout
     wal = ArchivePaths.wal(settings.duckdb_path)
     wal.write_bytes(b"foreign")
     result = run("homeiot_batch.run_archive", settings, "--date", str(DAY))

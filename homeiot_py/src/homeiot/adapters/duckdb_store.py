@@ -54,7 +54,7 @@ _NUMERIC = ("seq", "power_w", "current_r_a", "current_t_a", "energy_normal_kwh",
 
 #: DuckDB may otherwise take 80 % of RAM and every core; the archive shares a small home server.
 _CONFIG: dict[str, str | int] = {
-    "memory_limit": os.environ.get("ARCHIVE_DUCKDB_MEMORY_LIMIT", "160MB"),
+    "memory_limit": os.environ.get("ARCHIVE_DUCKDB_MEMORY_LIMIT", "128MB"),
     "threads": 2,
 }
 

@@ -12,6 +12,8 @@ Errors: :class:`InfluxUnavailableError` (retry), :class:`InfluxAuthError` (fix c
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
@@ -77,6 +79,28 @@ def auth_headers(settings: InfluxSettings) -> dict[str, str]:
     if settings.auth == "token":
         headers["Authorization"] = f"Token {settings.token}"
     return headers
+
+
+class _ResponseStream(io.RawIOBase):
+    """A readable file over an HTTP body's byte iterator (for pyarrow's CSV reader)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        self._buffer = self._buffer[size:]
+        return size
 
 
 class InfluxClient:
@@ -153,8 +177,9 @@ class InfluxClient:
 
         For ``CREATE DATABASE`` and friends, which InfluxDB 1.x only accepts by POST.
         """
-        response = self._request("POST", "/query", data={"q": statement,
-                                                         "db": self.settings.database})
+        # InfluxDB reads db from the URL, not from the form body.
+        response = self._request("POST", "/query", params={"db": self.settings.database},
+                                 data={"q": statement})
         return self._results(response.json(), statement)
 
     @staticmethod
@@ -211,6 +236,37 @@ class InfluxClient:
                 line = b"".join(pieces)
                 if line.strip():
                     yield from self._chunks(line, statement)
+        except httpx.TimeoutException as exc:
+            raise InfluxUnavailableError(f"InfluxDB timed out during a query: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise InfluxUnavailableError(f"InfluxDB connection failed during a query: {exc}") from exc
+
+    @contextlib.contextmanager
+    def query_csv(self, statement: str, *, chunk_size: int = 10_000, epoch: str = "ms"
+                  ) -> Iterator[io.BufferedReader]:
+        """The result of a read-only statement as a CSV byte stream (``Accept: application/csv``,
+        ``chunked=true``), for a C++ CSV reader: far less CPU than JSON on both sides.
+
+        InfluxDB answers a missing database with an empty CSV body, so the database is checked
+        first (JSON), and an ``error`` column in the stream is reported as the query error.
+        """
+        for _ in self.rows("SHOW RETENTION POLICIES"):  # InfluxQueryError: database not found
+            break
+        query_params: dict[str, str] = {
+            "db": self.settings.database, "q": statement, "chunked": "true",
+            "chunk_size": str(chunk_size), "epoch": epoch,
+        }
+        if self.settings.retention_policy:
+            query_params["rp"] = self.settings.retention_policy
+        try:
+            with self._http.stream("GET", "/query", params=query_params,
+                                   headers={"Accept": "application/csv",
+                                            "Accept-Encoding": "identity"}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for_status(response)
+                # Buffered: read(n) then returns n bytes unless at the end, as pyarrow expects.
+                yield io.BufferedReader(_ResponseStream(response.iter_bytes()), 1 << 20)
         except httpx.TimeoutException as exc:
             raise InfluxUnavailableError(f"InfluxDB timed out during a query: {exc}") from exc
         except httpx.TransportError as exc:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,8 +34,6 @@ SCHEMA = pa.schema([
     pa.field("fixed_ts", pa.timestamp("ms", tz="UTC")),
     pa.field("fixed_energy_normal_kwh", pa.float64()),
 ])
-#: InfluxDB column → archive column where the names differ.
-_RENAMED = {"time": "ts", "fixed_ts_ms": "fixed_ts"}
 ROW_GROUP_ROWS = 131_072
 
 
@@ -51,18 +48,25 @@ def partition_dir(root: Path, day: date) -> Path:
     return root / TABLE / f"dt={day.isoformat()}"
 
 
-def record_batch(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> pa.RecordBatch:
-    """Rows in InfluxDB's column order → a record batch in the archive schema (absent fields are
-    nulls; unknown fields are ignored)."""
-    by_name = dict(zip((_RENAMED.get(c, c) for c in columns), zip(*rows, strict=True), strict=False)
-                   ) if rows else {}
+#: Column types of InfluxDB's CSV for our measurement (``time`` in epoch milliseconds).
+CSV_TYPES = {"name": pa.string(), "tags": pa.string(), "time": pa.int64(), "source": pa.string(),
+             "seq": pa.int64(), "fixed_ts_ms": pa.int64(),
+             **{f.name: pa.float64() for f in SCHEMA if f.type == pa.float64()}}
+
+
+def from_csv_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of InfluxDB CSV columns → a record batch in the archive schema."""
+    names = batch.schema.names
     arrays = []
     for schema_field in SCHEMA:
-        values = by_name.get(schema_field.name)
-        if values is None:
-            arrays.append(pa.nulls(len(rows), schema_field.type))
+        source = {"ts": "time", "fixed_ts": "fixed_ts_ms"}.get(schema_field.name, schema_field.name)
+        if source in names:
+            column = batch.column(names.index(source))
+            if pa.types.is_timestamp(schema_field.type):
+                column = column.cast(pa.int64()).cast(schema_field.type)
+            arrays.append(column.cast(schema_field.type))
         else:
-            arrays.append(pa.array(values, type=schema_field.type, from_pandas=False))
+            arrays.append(pa.nulls(batch.num_rows, schema_field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 
 from homeiot.adapters import duckdb_store, parquet
 from homeiot.adapters.duckdb_store import ArchivePaths
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import ArchiveSettings
 from homeiot.core.days import day_window
-from homeiot.core.errors import HomeIotError
+from homeiot.core.errors import HomeIotError, InfluxQueryError
 from homeiot.core.reading import epoch_ms
 
 logger = logging.getLogger(__name__)
@@ -90,9 +91,24 @@ def _day_batches(influx: InfluxClient, settings: ArchiveSettings, day: date
     measurement = settings.influx.measurement.replace("\\", "\\\\")
     statement = (f'SELECT * FROM "{measurement}" WHERE time >= {epoch_ms(start)}ms '  # noqa: S608
                  f"AND time < {epoch_ms(end)}ms")
-    for chunk in influx.query(statement, chunk_size=settings.chunk_size):
-        if chunk.values:
-            yield parquet.record_batch(chunk.columns, chunk.values)
+    with influx.query_csv(statement, chunk_size=settings.chunk_size) as stream:
+        try:
+            reader = pa_csv.open_csv(
+                stream, read_options=pa_csv.ReadOptions(block_size=1 << 20),
+                convert_options=pa_csv.ConvertOptions(column_types=parquet.CSV_TYPES))
+        except pa.ArrowInvalid as exc:
+            if "Empty CSV" in str(exc):
+                return  # no readings that day
+            raise InfluxQueryError(f"unreadable CSV from InfluxDB: {exc}") from exc
+        if reader.schema.names == ["error"]:
+            raise InfluxQueryError(f"{statement!r}: {reader.read_all().column(0)[0]}")
+        try:
+            for batch in reader:
+                if batch.num_rows:
+                    yield parquet.from_csv_batch(batch)
+        except pa.ArrowInvalid as exc:
+            raise InfluxQueryError(f"InfluxDB's answer broke off or changed shape: {exc}"
+                                   ) from exc
 
 
 def prefetched(items: Iterator[T], depth: int = 4) -> Iterator[T]:
@@ -133,8 +149,7 @@ def prefetched(items: Iterator[T], depth: int = 4) -> Iterator[T]:
 
 def export_day(influx: InfluxClient, settings: ArchiveSettings, day: date) -> tuple[Path, int]:
     """Stream one day from InfluxDB into a staged Parquet file; returns it and its row count."""
-    return parquet.stage_day(settings.parquet_root, day,
-                             prefetched(_day_batches(influx, settings, day)))
+    return parquet.stage_day(settings.parquet_root, day, _day_batches(influx, settings, day))
 
 
 def archive_days(settings: ArchiveSettings, days: list[date],
