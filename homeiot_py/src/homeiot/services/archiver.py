@@ -13,16 +13,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import queue
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -36,7 +34,6 @@ from homeiot.core.errors import HomeIotError, InfluxQueryError
 from homeiot.core.reading import epoch_ms
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Testing hook: kill the run (SIGKILL) at a named step, to prove every step is crash-safe.
 KILL_AT_ENV = "HOMEIOT_ARCHIVE_KILL_AT"
@@ -109,42 +106,6 @@ def _day_batches(influx: InfluxClient, settings: ArchiveSettings, day: date
         except pa.ArrowInvalid as exc:
             raise InfluxQueryError(f"InfluxDB's answer broke off or changed shape: {exc}"
                                    ) from exc
-
-
-def prefetched(items: Iterator[T], depth: int = 4) -> Iterator[T]:
-    """Run ``items`` in a thread, ``depth`` ahead of the consumer: InfluxDB keeps producing and
-    parsing goes on while the previous chunk is converted and written. Memory: ``depth`` chunks."""
-    handoff: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        handoff.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            handoff.put((False, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            handoff.put((False, exc))
-
-    thread = threading.Thread(target=produce, name="archive-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            more, value = handoff.get()
-            if not more:
-                if value is not None:
-                    raise value
-                return
-            yield value
-    finally:
-        stop.set()
-        thread.join(5)
 
 
 def export_day(influx: InfluxClient, settings: ArchiveSettings, day: date) -> tuple[Path, int]:
