@@ -61,7 +61,7 @@ class ApiContext:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
-class Reading(BaseModel):
+class ReadingOut(BaseModel):
     time: datetime
     source: str
     seq: int | None = None
@@ -200,9 +200,9 @@ def metrics(ctx: Ctx) -> PlainTextResponse:
     return PlainTextResponse(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@api.get("/latest", response_model=Reading, tags=["readings"],
+@api.get("/latest", response_model=ReadingOut, tags=["readings"],
          responses={404: {"description": "No reading in the last 30 days"}})
-def latest(ctx: Ctx, source: SourceParam = None) -> Reading:
+def latest(ctx: Ctx, source: SourceParam = None) -> ReadingOut:
     """The newest reading of a source (within the last 30 days)."""
     src = source or ctx.source_default
     since = ctx.clock() - LATEST_WINDOW
@@ -214,7 +214,7 @@ def latest(ctx: Ctx, source: SourceParam = None) -> Reading:
     if not rows:
         raise HTTPException(status_code=404,
                             detail=f"no reading for source {src!r} in the last 30 days")
-    return Reading.model_validate({**_time_row(rows[0]), "source": src})
+    return ReadingOut.model_validate({**_time_row(rows[0]), "source": src})
 
 
 @api.get("/readings", response_model=Readings, tags=["readings"])
