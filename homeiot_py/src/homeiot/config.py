@@ -388,7 +388,7 @@ class PublisherSettings:
     mqtt: MqttSettings
     source: str
     client_id: str
-    meter: Literal["simulated"] = "simulated"
+    meter: Literal["simulated", "broute"] = "simulated"
     interval_s: float = 10.0
     outbox: Path = Path(DEFAULT_OUTBOX)
     outbox_max_rows: int = 2_000_000
@@ -397,6 +397,18 @@ class PublisherSettings:
     window: int = 100
     seed: int = 1
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
+    broute_id: str = field(default="", repr=False)
+    broute_password: str = field(default="", repr=False)
+    broute_device: str = "/dev/ttyUSB0"
+
+
+def _broute_credentials(env: Env) -> tuple[str, str]:
+    rbid, password = _get(env, "BROUTE_ID"), _get(env, "BROUTE_PASSWORD")
+    if rbid is None or len(rbid) != 32 or not rbid.isalnum():
+        raise ConfigError("BROUTE_ID", "must be the 32-character B-route ID from the power company")
+    if password is None or len(password) != 12 or not password.isalnum():
+        raise ConfigError("BROUTE_PASSWORD", "must be the 12-character B-route password")
+    return rbid, password
 
 
 def load_publisher(env: Env | None = None) -> PublisherSettings:
@@ -404,17 +416,20 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
     env = os.environ if env is None else env
     mqtt = load_mqtt(env)
     source = load_source_default(env)
-    meter = _get(env, "PUBLISHER_METER") or "simulated"
+    meter = _get(env, "PUBLISHER_METER") or "broute"
+    rbid = password = ""
     if meter == "broute":
-        raise ConfigError("PUBLISHER_METER", "the broute backend is not part of this version yet; "
-                                             "use simulated")
-    if meter != "simulated":
-        raise ConfigError("PUBLISHER_METER", f"must be simulated (or broute, coming), got {meter!r}")
+        rbid, password = _broute_credentials(env)
+    elif meter != "simulated":
+        raise ConfigError("PUBLISHER_METER", f"must be broute or simulated, got {meter!r}")
     return PublisherSettings(
         mqtt=mqtt,
         source=source,
         client_id=mqtt.client_id or f"homeiot-publisher-{source}",
-        meter="simulated",
+        meter="broute" if meter == "broute" else "simulated",
+        broute_id=rbid,
+        broute_password=password,
+        broute_device=_get(env, "BROUTE_DEVICE") or "/dev/ttyUSB0",
         interval_s=_float(env, "PUBLISHER_INTERVAL_S", 10.0, 0.01, 3600.0),
         outbox=Path(_get(env, "PUBLISHER_OUTBOX") or DEFAULT_OUTBOX),
         outbox_max_rows=_int(env, "PUBLISHER_OUTBOX_MAX_ROWS", 2_000_000, 1000, 100_000_000),

@@ -2,7 +2,8 @@
 
 Configuration comes from the environment (on the Pi, systemd's ``EnvironmentFile=`` loads
 ``/etc/homeiot/publisher.env``) or from ``--env-file``. Logs go to stdout for journald.
-Exit codes: 0 clean stop (SIGTERM/SIGINT), 2 configuration error.
+Exit codes: 0 clean stop (SIGTERM/SIGINT), 2 configuration error, 3 the meter refused the B-route
+credentials (not retried: the unit sets RestartPreventExitStatus=3).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from homeiot.adapters.meters import SimulatedBackend
+from homeiot.adapters.broute import BrouteBackend
+from homeiot.adapters.meters import Meter, SimulatedBackend
 from homeiot.adapters.outbox import Outbox
 from homeiot.config import load_publisher, read_env_file
 from homeiot.core.errors import ConfigError
@@ -41,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return 2
-    meter = SimulatedBackend(settings.source, settings.seed, settings.timezone)
+    meter: Meter
+    if settings.meter == "broute":
+        meter = BrouteBackend(settings.source, settings.broute_id, settings.broute_password,
+                              settings.broute_device)
+    else:
+        meter = SimulatedBackend(settings.source, settings.seed, settings.timezone)
     publisher = Publisher(settings, meter, outbox)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -54,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         publisher.run()
     finally:
         outbox.close()
-    return 0
+    return 3 if publisher.fatal_error else 0
 
 
 if __name__ == "__main__":

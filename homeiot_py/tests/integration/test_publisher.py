@@ -73,9 +73,14 @@ def test_env_file_and_configuration_errors(tmp_path: Path) -> None:
         read_env_file(env_file)
     ca = tmp_path / "ca.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    base = {"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_TLS_CA_CERT": str(ca)}
+    base = {"MQTT_BROKER_URL": "mqtts://u:p@h", "MQTT_TLS_CA_CERT": str(ca),
+            "PUBLISHER_METER": "simulated"}
     assert load_publisher(base).client_id == "homeiot-publisher-meter1"
-    for env, variable in (({"PUBLISHER_METER": "broute"}, "PUBLISHER_METER"),
+    broute = {**base, "PUBLISHER_METER": "broute", "BROUTE_ID": "0" * 32,
+              "BROUTE_PASSWORD": "ABCDEFGHIJKL"}
+    assert "ABCDEFGHIJKL" not in repr(load_publisher(broute))
+    for env, variable in (({"PUBLISHER_METER": "broute"}, "BROUTE_ID"),
+                          ({**broute, "BROUTE_PASSWORD": "short"}, "BROUTE_PASSWORD"),
                           ({"PUBLISHER_METER": "magic"}, "PUBLISHER_METER"),
                           ({"PUBLISHER_INTERVAL_S": "0"}, "PUBLISHER_INTERVAL_S"),
                           ({"PUBLISHER_WINDOW": "x"}, "PUBLISHER_WINDOW")):
@@ -120,3 +125,24 @@ def test_drill_broker_outage_and_sigkill_lose_nothing(tmp_path: Path) -> None:
     assert result.lost == 0
     assert result.delivered_unique == result.produced
     assert result.rss_mb < 60
+
+
+def test_a_refused_b_route_password_stops_the_publisher_with_exit_3(
+        tmp_path_factory: pytest.TempPathFactory, pki: Pki, tmp_path: Path) -> None:
+    from tests.fake_dongle import FakeDongle  # noqa: PLC0415
+
+    broker = start_mosquitto(tmp_path_factory.mktemp("broker"), pki, USERS)
+    dongle = FakeDongle("0" * 31 + "1", "ABCDEFGHIJKL", {})
+    env = {**publisher_env(broker, tmp_path / "outbox.sqlite", 1), "PUBLISHER_METER": "broute",
+           "BROUTE_ID": "0" * 31 + "1", "BROUTE_PASSWORD": "WRONGPASSWRD",
+           "BROUTE_DEVICE": dongle.path}
+    try:
+        result = subprocess.run([sys.executable, "-m", "homeiot.publisher"], env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        dongle.close()
+        broker.process.stop()
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "check BROUTE_ID and BROUTE_PASSWORD" in result.stdout
+    assert "WRONGPASSWRD" not in result.stdout + result.stderr
+    assert dongle.join_attempts == 1

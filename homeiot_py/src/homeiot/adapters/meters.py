@@ -1,7 +1,8 @@
 """Meter backends behind one small interface: ``open()``, ``read() -> Reading``, ``close()``.
 
 ``read`` returns a reading whose ``seq`` is a placeholder: the outbox numbers readings when it
-commits them. Backends: ``simulated`` (a believable household, reproducible from a seed).
+commits them. Backends: ``simulated`` (a believable household, reproducible from a seed) here, and
+``broute`` (the smart meter over the B-route) in :mod:`homeiot.adapters.broute`.
 """
 
 from __future__ import annotations

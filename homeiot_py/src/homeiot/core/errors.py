@@ -100,3 +100,12 @@ class InfluxPartialWriteError(InfluxRejectedError):
 
 class InfluxQueryError(InfluxRejectedError):
     """An InfluxQL statement failed (syntax, unknown database …)."""
+
+
+class MeterUnavailableError(TransientError):
+    """The meter or the Wi-SUN dongle did not answer; the backend reconnects with backoff."""
+
+
+class MeterAuthError(RejectedError):
+    """The B-route ID or password was refused. Retrying could lock the household's B-route
+    account, so the publisher stops; fix BROUTE_ID/BROUTE_PASSWORD and start it again."""

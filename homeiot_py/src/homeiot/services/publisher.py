@@ -29,7 +29,7 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.meters import Meter
 from homeiot.adapters.outbox import Outbox
 from homeiot.config import PublisherSettings
-from homeiot.core.errors import HomeIotError
+from homeiot.core.errors import HomeIotError, RejectedError
 from homeiot.core.reading import Reading, epoch_ms
 from homeiot.core.topics import topic_for
 
@@ -83,6 +83,7 @@ class Publisher:
         self._watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
         self.published = 0
         self.delivered = 0
+        self.fatal_error: str | None = None
 
     # --- paho callbacks (network thread): hand over, never touch the outbox -------------------
 
@@ -113,7 +114,11 @@ class Publisher:
     def run(self) -> None:
         """Run until :meth:`stop`; commits and publishes on this thread."""
         s = self.settings.mqtt
-        self.meter.open()
+        try:
+            self.meter.open()
+        except RejectedError as exc:
+            self._fatal(exc)
+            return
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=True,
                                    properties=mqtt_adapter.connect_properties(0))
         self._client.loop_start()
@@ -133,6 +138,11 @@ class Publisher:
             logger.info("publisher stopped: published=%d delivered=%d waiting=%d",
                         self.published, self.delivered, len(self.outbox))
 
+    def _fatal(self, exc: RejectedError) -> None:
+        logger.error("meter: %s; stopping", exc)
+        self.fatal_error = str(exc)
+        self.stop()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
@@ -146,6 +156,9 @@ class Publisher:
             try:
                 self._readings.put(self.meter.read())
                 self._wake.set()
+            except RejectedError as exc:
+                self._fatal(exc)
+                return
             except HomeIotError as exc:
                 logger.warning("meter read failed: %s", exc)
             next_at += interval

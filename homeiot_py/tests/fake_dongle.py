@@ -1,0 +1,156 @@
+"""A fake Wi-SUN dongle (ROHM BP35A1 dialect of SKSTACK IP) on a pseudo-terminal, answering
+ECHONET Lite Get requests for a low-voltage smart meter (class 0x0288).
+
+momonga talks to it through the pty's slave path exactly as it talks to a USB dongle, so the
+``broute`` meter backend is tested with momonga's real code. Only what a B-route session uses is
+implemented: ROPT, SKRESET, SKSREG, SKINFO, SKSETRBID, SKSETPWD, SKSCAN (EVENT 20/22 + EPANDESC),
+SKLL64, SKJOIN (EVENT 21/25, or 24 for a wrong password), SKSENDTO (EVENT 21 + ERXUDP), SKTERM;
+plus session expiry (EVENT 29 → 25) and a mode in which the dongle goes silent.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import threading
+import time
+import tty
+
+MY_IP6 = "FE80:0000:0000:0000:021D:1290:0003:C890"
+METER_MAC = "12345678ABCDEF01"
+METER_IP6 = "FE80:0000:0000:0000:1034:5678:ABCD:EF01"
+ECHONET_PORT = "0E1A"
+
+
+class FakeDongle:
+    def __init__(self, rbid: str, password: str, values: dict[int, bytes]) -> None:
+        self.rbid = rbid
+        self.password = password
+        self.values = dict(values)
+        self.silent = False
+        self.join_attempts = 0
+        self.requests: list[list[int]] = []
+        self._got_rbid = ""
+        self._got_password = ""
+        self._master, slave = pty.openpty()
+        tty.setraw(slave)
+        self.path = os.ttyname(slave)
+        self._slave = slave
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, name="fake-dongle", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        os.close(self._master)
+        os.close(self._slave)
+
+    # --- what a test can make happen -------------------------------------------------------------
+
+    def expire_session(self) -> None:
+        """The PANA session lifetime ends; the dongle re-authenticates on its own."""
+        self._send(f"EVENT 29 {METER_IP6}\r\n")
+        time.sleep(0.3)
+        self._send(f"EVENT 25 {METER_IP6}\r\n")
+
+    # --- the serial line -----------------------------------------------------------------------
+
+    def _send(self, text: str) -> None:
+        if self.silent:
+            return
+        with self._lock:
+            os.write(self._master, text.encode())
+
+    def _serve(self) -> None:
+        buffer = b""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._master], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                buffer += os.read(self._master, 4096)
+            except OSError:
+                return
+            buffer = self._consume(buffer)
+
+    def _consume(self, buffer: bytes) -> bytes:
+        while buffer:
+            buffer = buffer.lstrip(b"\r\n")
+            if buffer.startswith(b"SKSENDTO"):
+                parts = buffer.split(b" ", 6)
+                if len(parts) < 7:
+                    return buffer
+                length = int(parts[5], 16)
+                if len(parts[6]) < length:
+                    return buffer
+                payload, buffer = parts[6][:length], parts[6][length:]
+                self._sendto(payload)
+                continue
+            end = min((i for i in (buffer.find(b"\r\n"), buffer.find(b"\r")) if i >= 0),
+                      default=-1)
+            if end < 0:
+                return buffer
+            line, buffer = buffer[:end].decode(), buffer[end:]
+            if line:
+                self._command(line.split())
+        return buffer
+
+    def _command(self, words: list[str]) -> None:  # noqa: PLR0912 - one branch a command
+        if self.silent:
+            return
+        name = words[0]
+        if name == "ROPT":
+            self._send("OK 01\r")
+        elif name in ("SKRESET", "SKSREG"):
+            self._send("OK\r\n")
+        elif name == "SKINFO":
+            self._send(f"EINFO {MY_IP6} 001D12900003C890 21 8888 FFFE\r\nOK\r\n")
+        elif name == "SKSETRBID":
+            self._got_rbid = words[1]
+            self._send("OK\r\n")
+        elif name == "SKSETPWD":
+            self._got_password = words[2]
+            self._send("OK\r\n")
+        elif name == "SKSCAN":
+            self._send("OK\r\n")
+            self._send(f"EVENT 20 {MY_IP6}\r\nEPANDESC\r\n  Channel:21\r\n  Channel Page:09\r\n"
+                       f"  Pan ID:8888\r\n  Addr:{METER_MAC}\r\n  LQI:E1\r\n  PairID:0003C890\r\n"
+                       f"EVENT 22 {MY_IP6}\r\n")
+        elif name == "SKLL64":
+            self._send(f"{METER_IP6}\r\n")
+        elif name == "SKJOIN":
+            self.join_attempts += 1
+            self._send("OK\r\n")
+            if (self._got_rbid, self._got_password) == (self.rbid, self.password):
+                self._send(f"EVENT 21 {METER_IP6} 00\r\nEVENT 02 {METER_IP6}\r\n"
+                           f"EVENT 25 {METER_IP6}\r\n")
+            else:
+                self._send(f"EVENT 24 {METER_IP6}\r\n")
+        elif name == "SKTERM":
+            self._send(f"OK\r\nEVENT 27 {METER_IP6}\r\n")
+        else:
+            self._send("FAIL ER04\r\n")
+
+    def _sendto(self, frame: bytes) -> None:
+        if self.silent:
+            return
+        tid, esv, count = frame[2:4], frame[10], frame[11]
+        epcs = [frame[12 + 2 * i] for i in range(count)]
+        self.requests.append(epcs)
+        body = b""
+        missing = False
+        for epc in epcs:
+            edt = self.values.get(epc)
+            if edt is None or esv != 0x62:
+                missing = True
+                body += bytes([epc, 0])
+            else:
+                body += bytes([epc, len(edt)]) + edt
+        response = (b"\x10\x81" + tid + b"\x02\x88\x01\x05\xff\x01"
+                    + bytes([0x52 if missing else 0x72, count]) + body)
+        self._send(f"EVENT 21 {METER_IP6} 00\r\nOK\r\n")
+        self._send(f"ERXUDP {METER_IP6} {MY_IP6} {ECHONET_PORT} {ECHONET_PORT} {METER_MAC} 1 "
+                   f"{len(response):04X} {response.hex().upper()}\r\n")
