@@ -161,6 +161,8 @@ class Publisher:
                 return
             except HomeIotError as exc:
                 logger.warning("meter read failed: %s", exc)
+            except Exception:  # a bug or a driver surprise must not end the readings silently
+                logger.exception("meter read failed unexpectedly; trying again next interval")
             next_at += interval
             delay = next_at - time.monotonic()
             if delay < 0:  # fell behind (a slow meter): do not burst to catch up
