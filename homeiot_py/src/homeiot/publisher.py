@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meter: Meter
     if settings.meter == "broute":
         meter = BrouteBackend(settings.source, settings.broute_id, settings.broute_password,
-                              settings.broute_device)
+                              settings.broute_device,
+                              resume_kwh=outbox.last_energy(settings.source))
     else:
         meter = SimulatedBackend(settings.source, settings.seed, settings.timezone)
     publisher = Publisher(settings, meter, outbox)

@@ -99,6 +99,17 @@ def test_the_counter_rollover_keeps_energy_growing(dongle: FakeDongle) -> None:
         meter.close()
     assert before == pytest.approx(9_999_999.0)
     assert after == pytest.approx(10_000_000.5)
+    # After a restart the backend resumes from the last published energy (the outbox keeps it),
+    # so the wrap keeps counting.
+    restarted = BrouteBackend("meter1", RBID, PASSWORD, dongle.path, tuning=TUNING,
+                              resume_kwh=(after, None))
+    restarted.open()
+    try:
+        dongle.values[0xE0] = (7).to_bytes(4, "big")
+        resumed = restarted.read().energy_normal_kwh
+    finally:
+        restarted.close()
+    assert resumed == pytest.approx(10_000_000.7)
 
 
 def test_a_refused_password_stops_at_once(dongle: FakeDongle) -> None:

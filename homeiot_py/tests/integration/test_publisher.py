@@ -45,7 +45,13 @@ def test_outbox_numbers_seq_on_across_restarts(tmp_path: Path) -> None:
     assert [codec.decode(r.payload, r.source).seq for r in rows] == [0, 1, 2, 0, 1, 3, 4]
     assert box.delete([rows[0].id, rows[0].id, 10_000]) == 1
     assert len(box) == 6
+    assert box.last_energy("meter1") == (None, None)
+    box.add([Reading("meter1", T0, 0, 1.0, energy_normal_kwh=12.5, energy_reverse_kwh=0.5)])
+    box.add([Reading("meter1", T0, 0, 1.0, energy_normal_kwh=13.0)])  # reverse unknown this time
     box.close()
+    reopened = Outbox(path)
+    assert reopened.last_energy("meter1") == (13.0, 0.5)  # kept across a restart
+    reopened.close()
 
 
 def test_outbox_drops_the_oldest_when_full_and_says_so(tmp_path: Path,

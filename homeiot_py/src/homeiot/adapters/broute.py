@@ -49,6 +49,7 @@ class BrouteBackend:
     def __init__(self, source: str, rbid: str, password: str, device: str, *,
                  reconnect_min_s: float = 10.0, reconnect_max_s: float = 600.0,
                  tuning: dict[str, Any] | None = None,
+                 resume_kwh: tuple[float | None, float | None] = (None, None),
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.source = source
         self._rbid = rbid
@@ -62,6 +63,7 @@ class BrouteBackend:
         self._delay = reconnect_min_s
         self._next_attempt = 0.0
         self._counters: tuple[EnergyCounter, EnergyCounter] | None = None  # survive reconnects
+        self._resume = resume_kwh  # the last published (normal, reverse), e.g. from the outbox
         self._next_fixed = datetime.min.replace(tzinfo=UTC)
         self._fixed: tuple[datetime, float] | None = None
 
@@ -109,7 +111,8 @@ class BrouteBackend:
             raise MeterUnavailableError(f"cannot open the B-route session: {exc}") from exc
         modulus = 10 ** digits * mo.energy_unit * mo.energy_coefficient
         if self._counters is None or self._counters[0].modulus_kwh != modulus:
-            self._counters = (EnergyCounter(modulus), EnergyCounter(modulus))
+            self._counters = (EnergyCounter.resuming(modulus, self._resume[0]),
+                              EnergyCounter.resuming(modulus, self._resume[1]))
         self._session = _Session(mo, *self._counters)
         self._delay = self._reconnect_min
         logger.info("broute: session open (unit %s kWh, coefficient %s, %d digits)",

@@ -32,6 +32,11 @@ CREATE TABLE IF NOT EXISTS sequences (
     source   TEXT PRIMARY KEY,
     next_seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS last_energy (
+    source     TEXT PRIMARY KEY,
+    normal_kwh REAL,
+    reverse_kwh REAL
+);
 """
 
 
@@ -91,6 +96,15 @@ class Outbox:
                 "INSERT INTO sequences (source, next_seq) VALUES (?, ?) "
                 "ON CONFLICT(source) DO UPDATE SET next_seq = excluded.next_seq",
                 list(next_seq.items()))
+            # The newest cumulative energies per source, so a meter backend can go on unwrapping
+            # its counters after a restart (same transaction: no extra write).
+            self._db.executemany(
+                "INSERT INTO last_energy (source, normal_kwh, reverse_kwh) VALUES (?, ?, ?) "
+                "ON CONFLICT(source) DO UPDATE SET "
+                "normal_kwh = coalesce(excluded.normal_kwh, normal_kwh), "
+                "reverse_kwh = coalesce(excluded.reverse_kwh, reverse_kwh)",
+                [(r.source, r.energy_normal_kwh, r.energy_reverse_kwh) for r in numbered
+                 if r.energy_normal_kwh is not None or r.energy_reverse_kwh is not None])
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -142,6 +156,12 @@ class Outbox:
         self._db.execute("COMMIT")
         self._rows -= deleted
         return deleted
+
+    def last_energy(self, source: str) -> tuple[float | None, float | None]:
+        """The newest committed (normal, reverse) cumulative energy of a source, in kWh."""
+        row = self._db.execute("SELECT normal_kwh, reverse_kwh FROM last_energy WHERE source = ?",
+                               (source,)).fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def next_seq(self, source: str) -> int:
         row = self._db.execute("SELECT next_seq FROM sequences WHERE source = ?", (source,)

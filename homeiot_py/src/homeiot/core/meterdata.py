@@ -43,6 +43,16 @@ class EnergyCounter:
     _last: float | None = None
     _wraps: int = 0
 
+    @classmethod
+    def resuming(cls, modulus_kwh: float, published_kwh: float | None) -> EnergyCounter:
+        """A counter that continues from an energy published before (say, before a restart), so
+        a wrap that happened earlier keeps counting."""
+        counter = cls(modulus_kwh)
+        if published_kwh is not None and published_kwh >= 0:
+            counter._wraps = int(published_kwh // modulus_kwh)
+            counter._last = published_kwh - counter._wraps * modulus_kwh
+        return counter
+
     def update(self, value: float | None) -> float | None:
         """The unwrapped cumulative energy in kWh, or None for no data."""
         if value is None or value < 0 or value >= self.modulus_kwh:
