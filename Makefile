@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap curl
 
-.PHONY: help setup setup-apt setup-venv lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
+.PHONY: help setup setup-apt setup-venv setup-docker images lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -35,6 +35,18 @@ $(VENV)/.stamp: requirements-dev.txt $(PKG)/pyproject.toml
 	touch $@
 
 setup-venv: $(VENV)/.stamp ## The control-node venv: pinned tools + homeiot (editable)
+
+setup-docker: ## Start dockerd when it is not running (Molecule needs it)
+	@if ! docker info >/dev/null 2>&1; then \
+	    echo "docker: starting dockerd (log: .cache/dockerd.log)"; mkdir -p .cache; \
+	    ($(SUDO) dockerd >.cache/dockerd.log 2>&1 &); \
+	    for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+	fi; \
+	docker info >/dev/null 2>&1 || { echo "dockerd did not start: see .cache/dockerd.log"; exit 1; }
+
+images: setup-docker ## Systemd base images for Molecule, built offline (cached in .cache/images)
+	molecule/resources/build-image.sh trixie homeiot/debian-systemd:trixie
+	molecule/resources/build-image.sh bookworm homeiot/debian-systemd:bookworm
 
 lint: lint-python lint-ansible ## ruff, mypy --strict, yamllint, ansible-lint --profile production
 
