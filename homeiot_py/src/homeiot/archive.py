@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_archive()
         through = yesterday(datetime.now(UTC), settings.timezone)
-        last = last_archived_day(settings.duckdb_path)
+        last = last_archived_day(settings.duckdb_path, settings.duckdb_memory_limit)
         days = select_days(args, last, through, args.max_days or settings.max_days)
         if not days:
             logger.info("archive: nothing to do; archived through %s", last)

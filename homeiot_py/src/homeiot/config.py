@@ -10,6 +10,7 @@ or ``repr``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,6 +360,10 @@ class ArchiveSettings:
     chunk_size: int = 10_000
     max_days: int = 31
     source_default: str = DEFAULT_SOURCE
+    duckdb_memory_limit: str = "128MB"
+
+
+_MEMORY_LIMIT = re.compile(r"[1-9][0-9]{0,5}(\.[0-9]+)?\s*(KB|MB|GB|KiB|MiB|GiB)")
 
 
 def load_archive(env: Env | None = None) -> ArchiveSettings:
@@ -375,7 +380,16 @@ def load_archive(env: Env | None = None) -> ArchiveSettings:
         chunk_size=_int(env, "ARCHIVE_CHUNK_SIZE", 10_000, 100, 1_000_000),
         max_days=_int(env, "ARCHIVE_MAX_DAYS", 31, 1, 3660),
         source_default=load_source_default(env),
+        duckdb_memory_limit=_memory_limit(env),
     )
+
+
+def _memory_limit(env: Env) -> str:
+    value = (_get(env, "ARCHIVE_DUCKDB_MEMORY_LIMIT") or "128MB").strip()
+    if _MEMORY_LIMIT.fullmatch(value) is None:
+        raise ConfigError("ARCHIVE_DUCKDB_MEMORY_LIMIT", f"must be a size like 128MB or 1GB, got "
+                                                         f"{value!r}")
+    return value
 
 
 DEFAULT_OUTBOX = "/var/lib/homeiot/outbox.sqlite"

@@ -287,10 +287,13 @@ def test_bad_arguments_exit_2_with_a_reason(settings: ArchiveSettings, args: lis
     assert message in result.stdout + result.stderr
 
 
-def test_bad_configuration_names_the_variable(settings: ArchiveSettings) -> None:
-    result = run("homeiot_batch.run_archive", settings, ARCHIVE_DUCKDB_PATH="/tmp/x.db")
+@pytest.mark.parametrize(("variable", "value"), [("ARCHIVE_DUCKDB_PATH", "/tmp/x.db"),
+                                                ("ARCHIVE_DUCKDB_MEMORY_LIMIT", "lots")])
+def test_bad_configuration_names_the_variable(settings: ArchiveSettings, variable: str,
+                                              value: str) -> None:
+    result = run("homeiot_batch.run_archive", settings, **{variable: value})
     assert result.returncode == 2
-    assert "ARCHIVE_DUCKDB_PATH" in result.stdout
+    assert f"{variable}: " in result.stdout
 
 
 def test_verification_catches_a_next_file_that_differs_from_its_source(

@@ -53,16 +53,15 @@ _NUMERIC = ("seq", "power_w", "current_r_a", "current_t_a", "energy_normal_kwh",
 
 
 #: DuckDB may otherwise take 80 % of RAM and every core; the archive shares a small home server.
-_CONFIG: dict[str, str | int] = {
-    "memory_limit": os.environ.get("ARCHIVE_DUCKDB_MEMORY_LIMIT", "128MB"),
-    "threads": 2,
-}
+DEFAULT_MEMORY_LIMIT = "128MB"
+_THREADS = 2
 
 
-def connect(path: Path | None = None, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(path: Path | None = None, *, read_only: bool = False,
+            memory_limit: str = DEFAULT_MEMORY_LIMIT) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the archive's resource limits (in-memory when ``path`` is None)."""
     return duckdb.connect(str(path) if path is not None else ":memory:", read_only=read_only,
-                          config=dict(_CONFIG))
+                          config={"memory_limit": memory_limit, "threads": _THREADS})
 
 
 class ArchiveError(HomeIotError):
@@ -71,7 +70,10 @@ class ArchiveError(HomeIotError):
 
 @dataclass(frozen=True, slots=True)
 class ArchivePaths:
+    """The live database file, its ``next`` and ``prev`` siblings, and DuckDB's memory limit."""
+
     live: Path
+    memory_limit: str = DEFAULT_MEMORY_LIMIT
 
     @property
     def next(self) -> Path:
@@ -104,9 +106,10 @@ def day_stats(con: duckdb.DuckDBPyConnection, days: Sequence[date]) -> dict[str,
     return {row[0]: dict(zip(names, row, strict=True)) for row in cursor.fetchall()}
 
 
-def parquet_stats(files: Mapping[date, Path]) -> dict[str, dict[str, Any]]:
+def parquet_stats(files: Mapping[date, Path], memory_limit: str = DEFAULT_MEMORY_LIMIT
+                  ) -> dict[str, dict[str, Any]]:
     """The same aggregates computed from the Parquet source files."""
-    con = connect()
+    con = connect(memory_limit=memory_limit)
     out: dict[str, dict[str, Any]] = {}
     try:
         for day, path in files.items():
@@ -120,11 +123,11 @@ def parquet_stats(files: Mapping[date, Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def day_counts(path: Path) -> dict[str, int]:
+def day_counts(path: Path, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> dict[str, int]:
     """Rows per day in a database file (read-only); empty when the file does not exist."""
     if not path.exists():
         return {}
-    con = connect(path, read_only=True)
+    con = connect(path, read_only=True, memory_limit=memory_limit)
     try:
         rows = con.execute(f"SELECT dt::VARCHAR, count(*) FROM {TABLE} GROUP BY dt").fetchall()
     except duckdb.CatalogException:
@@ -134,11 +137,11 @@ def day_counts(path: Path) -> dict[str, int]:
     return {day: int(count) for day, count in rows}
 
 
-def last_archived_day(path: Path) -> date | None:
+def last_archived_day(path: Path, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> date | None:
     """The newest day recorded in ``archive_days`` of the live file, if any."""
     if not path.exists():
         return None
-    con = connect(path, read_only=True)
+    con = connect(path, read_only=True, memory_limit=memory_limit)
     try:
         row = con.execute("SELECT max(dt) FROM archive_days").fetchone()
     except duckdb.CatalogException:
@@ -163,7 +166,7 @@ def build_next(paths: ArchivePaths, files: Mapping[date, Path]) -> None:
     remove_leftovers(paths)
     if paths.live.exists():
         shutil.copyfile(paths.live, paths.next)
-    con = connect(paths.next)
+    con = connect(paths.next, memory_limit=paths.memory_limit)
     try:
         con.execute(DDL)
         con.execute("BEGIN TRANSACTION")
@@ -191,13 +194,13 @@ def verify_next(paths: ArchivePaths, files: Mapping[date, Path],
     every column of the archived days, and the row count of every other day."""
     days = sorted(files)
     result = subprocess.run(
-        [sys.executable, "-m", "homeiot.adapters.duckdb_store", str(paths.next),
-         *[d.isoformat() for d in days]],
+        [sys.executable, "-m", "homeiot.adapters.duckdb_store", paths.memory_limit,
+         str(paths.next), *[d.isoformat() for d in days]],
         capture_output=True, text=True, check=False, timeout=3600)
     if result.returncode != 0:
         raise ArchiveError(f"verifying {paths.next.name} failed: {result.stderr.strip()[-500:]}")
     report = json.loads(result.stdout)
-    expected = parquet_stats(files)
+    expected = parquet_stats(files, paths.memory_limit)
     for day in days:
         key = day.isoformat()
         got, want = report["days"].get(key), expected.get(key)
@@ -245,9 +248,10 @@ def swap(paths: ArchivePaths) -> None:
 
 
 def _verify_main(argv: Sequence[str]) -> int:
-    """``python -m homeiot.adapters.duckdb_store FILE DAY...``: print the aggregates as JSON."""
-    path, days = Path(argv[0]), [date.fromisoformat(d) for d in argv[1:]]
-    con = connect(path, read_only=True)
+    """``python -m homeiot.adapters.duckdb_store MEMORY_LIMIT FILE DAY...``: print the aggregates
+    as JSON."""
+    memory_limit, path, days = argv[0], Path(argv[1]), [date.fromisoformat(d) for d in argv[2:]]
+    con = connect(path, read_only=True, memory_limit=memory_limit)
     try:
         stats = day_stats(con, days) if days else {}
         counts = {d: int(n) for d, n in con.execute(

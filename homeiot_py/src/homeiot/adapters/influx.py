@@ -152,6 +152,16 @@ class InfluxClient:
             raise InfluxPartialWriteError(f"InfluxDB refused part of a write: {text}", lines, dropped)
         raise InfluxRejectedError(f"InfluxDB answered {status}: {_error_text(response)}")
 
+    def _query_params(self, statement: str, chunk_size: int, epoch: str,
+                      params: dict[str, str] | None) -> dict[str, str]:
+        query_params = {"db": self.settings.database, "q": statement, "chunked": "true",
+                        "chunk_size": str(chunk_size), "epoch": epoch}
+        if self.settings.retention_policy:
+            query_params["rp"] = self.settings.retention_policy
+        if params:
+            query_params["params"] = json.dumps(params)
+        return query_params
+
     def ping(self) -> str:
         """Check that InfluxDB answers; returns its version (``X-Influxdb-Version``)."""
         response = self._request("GET", "/ping")
@@ -203,14 +213,7 @@ class InfluxClient:
         result is never held in memory. Timestamps are integers in ``epoch`` units. ``params``
         are bound parameters (``$name`` in the statement), which InfluxDB quotes itself.
         """
-        query_params: dict[str, str] = {
-            "db": self.settings.database, "q": statement, "chunked": "true",
-            "chunk_size": str(chunk_size), "epoch": epoch,
-        }
-        if self.settings.retention_policy:
-            query_params["rp"] = self.settings.retention_policy
-        if params:
-            query_params["params"] = json.dumps(params)
+        query_params = self._query_params(statement, chunk_size, epoch, params)
         try:
             # identity: compressing a large result costs InfluxDB more CPU than the loopback or
             # LAN transfer it saves.
@@ -252,12 +255,7 @@ class InfluxClient:
         """
         for _ in self.rows("SHOW RETENTION POLICIES"):  # InfluxQueryError: database not found
             break
-        query_params: dict[str, str] = {
-            "db": self.settings.database, "q": statement, "chunked": "true",
-            "chunk_size": str(chunk_size), "epoch": epoch,
-        }
-        if self.settings.retention_policy:
-            query_params["rp"] = self.settings.retention_policy
+        query_params = self._query_params(statement, chunk_size, epoch, None)
         try:
             with self._http.stream("GET", "/query", params=query_params,
                                    headers={"Accept": "application/csv",

@@ -116,7 +116,7 @@ def export_day(influx: InfluxClient, settings: ArchiveSettings, day: date) -> tu
 def archive_days(settings: ArchiveSettings, days: list[date],
                  progress: Callable[[int, int, date], None] | None = None) -> list[DayResult]:
     """Archive ``days`` (oldest first) under the lock; see the module docstring."""
-    paths = ArchivePaths(settings.duckdb_path)
+    paths = ArchivePaths(settings.duckdb_path, settings.duckdb_memory_limit)
     results: list[DayResult] = []
     with ArchiveLock(paths.live.with_name(paths.live.name + ".lock")):
         removed = parquet.clean_staging(settings.parquet_root)
@@ -140,7 +140,7 @@ def archive_days(settings: ArchiveSettings, days: list[date],
                 logger.info("archive: day=%s rows=%d parquet=%s seconds=%.2f", day, rows,
                             written.path, results[-1].seconds)
         started = time.monotonic()
-        live_counts = duckdb_store.day_counts(paths.live)
+        live_counts = duckdb_store.day_counts(paths.live, paths.memory_limit)
         duckdb_store.build_next(paths, files)
         built = time.monotonic()
         _kill_point("next_built")
