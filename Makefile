@@ -13,12 +13,14 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap curl
 
-.PHONY: help setup setup-apt setup-venv setup-docker images lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
+MOLECULE_SCENARIOS := $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
+
+.PHONY: help setup setup-apt setup-venv setup-docker images test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: setup-apt setup-venv ## Install everything the tests need (idempotent, quick on re-run)
+setup: setup-apt setup-venv images ## Install everything the tests need, start dockerd, build images (quick on re-run)
 
 setup-apt: ## Debian packages: real Mosquitto, InfluxDB 1.x, Docker, debootstrap
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -44,9 +46,8 @@ setup-docker: ## Start dockerd when it is not running (Molecule needs it)
 	fi; \
 	docker info >/dev/null 2>&1 || { echo "dockerd did not start: see .cache/dockerd.log"; exit 1; }
 
-images: setup-docker ## Systemd base images for Molecule, built offline (cached in .cache/images)
-	molecule/resources/build-image.sh trixie homeiot/debian-systemd:trixie
-	molecule/resources/build-image.sh bookworm homeiot/debian-systemd:bookworm
+images: setup-docker ## Molecule's images, built offline (base images cached in .cache/images)
+	molecule/resources/images.sh
 
 lint: lint-python lint-ansible ## ruff, mypy --strict, yamllint, ansible-lint --profile production
 
@@ -58,10 +59,13 @@ lint-ansible: setup-venv
 	$(BIN)/ansible-lint --profile production
 	$(BIN)/ansible-playbook site.yml --syntax-check
 
-test: lint test-python ## Lint and every test suite
+test: lint test-python test-molecule ## Lint and every test suite
 
 test-python: setup-venv ## Python unit and integration tests (real Mosquitto and influxd)
 	cd $(PKG) && ../$(BIN)/pytest
+
+test-molecule: setup-venv images ## Every Molecule scenario: converge, idempotence, check mode, verify
+	@for s in $(MOLECULE_SCENARIOS); do molecule/resources/test-scenario.sh $$s || exit 1; done
 
 bench: bench-core bench-gateway bench-archive ## Every benchmark (prints figures; asserts nothing about time)
 
