@@ -15,7 +15,10 @@ APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap curl
 
 MOLECULE_SCENARIOS := $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
-.PHONY: help setup setup-apt setup-venv setup-docker images test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
+WHEELHOUSE := .cache/wheelhouse
+PKG_SOURCES := $(shell find $(PKG)/src -type f \( -name '*.py' -o -name '*.json' -o -name 'py.typed' \) 2>/dev/null)
+
+.PHONY: help setup setup-apt setup-venv setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -49,6 +52,22 @@ setup-docker: ## Start dockerd when it is not running (Molecule needs it)
 images: setup-docker ## Molecule's images, built offline (base images cached in .cache/images)
 	molecule/resources/images.sh
 
+# The hosts install homeiot from this directory only (no PyPI): the homeiot wheel plus every
+# dependency at the version the tests ran with (constraints = the venv), for Python 3.11.
+# SOURCE_DATE_EPOCH makes the homeiot wheel byte-identical for identical sources, so a rebuild
+# does not make the next converge rebuild the server image.
+$(WHEELHOUSE)/.stamp: $(VENV)/.stamp $(PKG_SOURCES)
+	rm -rf $(WHEELHOUSE).tmp && mkdir -p $(WHEELHOUSE).tmp
+	$(PY) -m pip freeze --exclude-editable >$(WHEELHOUSE).tmp/constraints.txt
+	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps \
+	    -w $(WHEELHOUSE).tmp './$(PKG)'
+	$(PY) -m pip wheel --quiet --disable-pip-version-check -w $(WHEELHOUSE).tmp \
+	    -c $(WHEELHOUSE).tmp/constraints.txt --find-links $(WHEELHOUSE).tmp 'homeiot[server]'
+	rm -f $(WHEELHOUSE).tmp/constraints.txt
+	rm -rf $(WHEELHOUSE) && mv $(WHEELHOUSE).tmp $(WHEELHOUSE) && touch $@
+
+wheelhouse: $(WHEELHOUSE)/.stamp ## homeiot + pinned dependencies as wheels for the hosts (.cache/wheelhouse)
+
 lint: lint-python lint-ansible ## ruff, mypy --strict, yamllint, ansible-lint --profile production
 
 lint-python: setup-venv
@@ -64,7 +83,7 @@ test: lint test-python test-molecule ## Lint and every test suite
 test-python: setup-venv ## Python unit and integration tests (real Mosquitto and influxd)
 	cd $(PKG) && ../$(BIN)/pytest
 
-test-molecule: setup-venv images ## Every Molecule scenario: converge, idempotence, check mode, verify
+test-molecule: setup-venv images wheelhouse ## Every Molecule scenario: converge, idempotence, check mode, verify
 	@for s in $(MOLECULE_SCENARIOS); do molecule/resources/test-scenario.sh $$s || exit 1; done
 
 bench: bench-core bench-gateway bench-archive ## Every benchmark (prints figures; asserts nothing about time)
