@@ -63,6 +63,34 @@ PY
 if [ "$plain" = 20 ]; then fail "plaintext MQTT on 8883" "the broker answered with a CONNACK"
 else pass "plaintext MQTT on 8883 gets no CONNACK ($plain)"; fi
 
+# 2b. TLS 1.2 offers only AEAD suites (Mozilla "intermediate"): an obsolete CBC suite gets no
+#     handshake, a modern one does. Both over TLS 1.2 exactly, so TLS 1.3 cannot mask the answer.
+tls12() {  # cipher -> prints "ok <cipher>" or the handshake error
+    python3 - "$host" "$dir/ca.crt" "$1" <<'PY'
+import socket, ssl, sys
+host, ca, cipher = sys.argv[1:]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+ctx.set_ciphers(cipher)
+try:
+    with socket.create_connection((host, 8883), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
+            print("ok", tls.cipher()[0])
+except (ssl.SSLError, OSError) as exc:
+    print("refused", type(exc).__name__, exc)
+PY
+}
+for cipher in ECDHE-RSA-AES128-GCM-SHA256 ECDHE-RSA-CHACHA20-POLY1305; do
+    out=$(tls12 "$cipher")
+    if [[ $out == "ok $cipher" ]]; then pass "TLS 1.2 with $cipher is accepted"
+    else fail "TLS 1.2 with $cipher" "$out"; fi
+done
+for cipher in ECDHE-RSA-AES128-SHA AES128-SHA AES256-SHA256 ECDHE-RSA-AES256-SHA384; do
+    out=$(tls12 "$cipher")
+    if [[ $out == refused* ]]; then pass "TLS 1.2 with CBC suite $cipher is refused"
+    else fail "TLS 1.2 with CBC suite $cipher" "was accepted: $out"; fi
+done
+
 # 3. Forbidden writes are dropped. Each is followed by an allowed publish the gateway must
 #    receive first, so a check cannot pass just because nothing was published at all.
 forbidden_write() {  # name, identity, topic
