@@ -5,7 +5,16 @@ momonga talks to it through the pty's slave path exactly as it talks to a USB do
 ``broute`` meter backend is tested with momonga's real code. Only what a B-route session uses is
 implemented: ROPT, SKRESET, SKSREG, SKINFO, SKSETRBID, SKSETPWD, SKSCAN (EVENT 20/22 + EPANDESC),
 SKLL64, SKJOIN (EVENT 21/25, or 24 for a wrong password), SKSENDTO (EVENT 21 + ERXUDP), SKTERM;
-plus session expiry (EVENT 29 → 25) and a mode in which the dongle goes silent.
+plus session expiry (EVENT 29 → 25) and the faults households report:
+
+* ``silent`` — the dongle stops answering anything (until SKRESET does not help either);
+* ``scan_er05`` — the next N ``SKSCAN`` are answered ``FAIL ER05`` (reported for BP35C2);
+* :meth:`expire_silently` — the meter ends the PANA session without an event: requests are
+  transmitted but never answered until the next successful ``SKJOIN``;
+* ``meter_silent`` — the meter stops answering while the dongle lives: requests go out, no answer
+  comes back, a scan finds no PAN;
+* :meth:`unplug` / :meth:`replug` — the serial device disappears (its symlink ``link`` is removed,
+  the pty closed) and comes back as a new pty behind the same path.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import select
 import threading
 import time
 import tty
+from pathlib import Path
 
 MY_IP6 = "FE80:0000:0000:0000:021D:1290:0003:C890"
 METER_MAC = "12345678ABCDEF01"
@@ -24,31 +34,65 @@ ECHONET_PORT = "0E1A"
 
 
 class FakeDongle:
-    def __init__(self, rbid: str, password: str, values: dict[int, bytes]) -> None:
+    def __init__(self, rbid: str, password: str, values: dict[int, bytes],
+                 link: Path | None = None) -> None:
         self.rbid = rbid
         self.password = password
         self.values = dict(values)
         self.silent = False
+        self.meter_silent = False
+        self.scan_er05 = 0
+        self.session_valid = False
         self.join_attempts = 0
+        self.resets = 0
+        self.scans = 0
         self.requests: list[list[int]] = []
+        self.answered = 0
         self._got_rbid = ""
         self._got_password = ""
+        self._link = link
+        self._lock = threading.Lock()
+        self._plug()
+
+    @property
+    def path(self) -> str:
+        """The device path to give the backend: the symlink when there is one."""
+        return str(self._link) if self._link is not None else self._tty
+
+    def _plug(self) -> None:
         self._master, slave = pty.openpty()
         tty.setraw(slave)
-        self.path = os.ttyname(slave)
+        self._tty = os.ttyname(slave)
         self._slave = slave
+        if self._link is not None:
+            self._link.unlink(missing_ok=True)
+            self._link.symlink_to(self._tty)
         self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="fake-dongle", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        if self._link is not None:
+            self._link.unlink(missing_ok=True)
         os.close(self._master)
         os.close(self._slave)
 
+    def unplug(self) -> None:
+        """The USB dongle is pulled: the device path vanishes and the open port stops working."""
+        self.close()
+        self.session_valid = False
+
+    def replug(self) -> None:
+        """The dongle is back: a new pty (a new device) behind the same path, freshly reset."""
+        self._plug()
+
     # --- what a test can make happen -------------------------------------------------------------
+
+    def expire_silently(self) -> None:
+        """The meter forgets the PANA session and says nothing; the dongle still believes in it."""
+        self.session_valid = False
 
     def expire_session(self) -> None:
         """The PANA session lifetime ends; the dongle re-authenticates on its own."""
@@ -104,7 +148,11 @@ class FakeDongle:
         name = words[0]
         if name == "ROPT":
             self._send("OK 01\r")
-        elif name in ("SKRESET", "SKSREG"):
+        elif name == "SKRESET":
+            self.resets += 1
+            self.session_valid = False
+            self._send("OK\r\n")
+        elif name == "SKSREG":
             self._send("OK\r\n")
         elif name == "SKINFO":
             self._send(f"EINFO {MY_IP6} 001D12900003C890 21 8888 FFFE\r\nOK\r\n")
@@ -115,7 +163,15 @@ class FakeDongle:
             self._got_password = words[2]
             self._send("OK\r\n")
         elif name == "SKSCAN":
+            self.scans += 1
+            if self.scan_er05 > 0:
+                self.scan_er05 -= 1
+                self._send("FAIL ER05\r\n")
+                return
             self._send("OK\r\n")
+            if self.meter_silent:  # no beacon: the scan ends without a PAN description
+                self._send(f"EVENT 22 {MY_IP6}\r\n")
+                return
             self._send(f"EVENT 20 {MY_IP6}\r\nEPANDESC\r\n  Channel:21\r\n  Channel Page:09\r\n"
                        f"  Pan ID:8888\r\n  Addr:{METER_MAC}\r\n  LQI:E1\r\n  PairID:0003C890\r\n"
                        f"EVENT 22 {MY_IP6}\r\n")
@@ -124,12 +180,15 @@ class FakeDongle:
         elif name == "SKJOIN":
             self.join_attempts += 1
             self._send("OK\r\n")
-            if (self._got_rbid, self._got_password) == (self.rbid, self.password):
+            if (self._got_rbid, self._got_password) == (self.rbid, self.password) \
+                    and not self.meter_silent:
+                self.session_valid = True
                 self._send(f"EVENT 21 {METER_IP6} 00\r\nEVENT 02 {METER_IP6}\r\n"
                            f"EVENT 25 {METER_IP6}\r\n")
             else:
                 self._send(f"EVENT 24 {METER_IP6}\r\n")
         elif name == "SKTERM":
+            self.session_valid = False
             self._send(f"OK\r\nEVENT 27 {METER_IP6}\r\n")
         else:
             self._send("FAIL ER04\r\n")
@@ -140,6 +199,10 @@ class FakeDongle:
         tid, esv, count = frame[2:4], frame[10], frame[11]
         epcs = [frame[12 + 2 * i] for i in range(count)]
         self.requests.append(epcs)
+        if self.meter_silent or not self.session_valid:  # transmitted, never answered
+            self._send(f"EVENT 21 {METER_IP6} 00\r\nOK\r\n")
+            return
+        self.answered += 1
         body = b""
         missing = False
         for epc in epcs:

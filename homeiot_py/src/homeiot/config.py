@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from homeiot.core.errors import ConfigError, EncodingError, TopicError
 from homeiot.core.lineprotocol import DEFAULT_MEASUREMENT, escape_measurement
+from homeiot.core.link import LinkPolicy, LinkTiming
 from homeiot.core.reading import validate_source
 from homeiot.core.topics import subscription_filter, validate_base_topic
 
@@ -414,6 +415,30 @@ class PublisherSettings:
     broute_id: str = field(default="", repr=False)
     broute_password: str = field(default="", repr=False)
     broute_device: str = "/dev/ttyUSB0"
+    broute_timing: LinkTiming = field(default_factory=LinkTiming)
+    broute_policy: LinkPolicy = field(default_factory=LinkPolicy)
+
+
+def _broute_link(env: Env) -> tuple[LinkTiming, LinkPolicy]:
+    """``BROUTE_*`` bounds and the recovery ladder's patience (docs/configuration.md)."""
+    timing = LinkTiming(
+        request_timeout_s=_float(env, "BROUTE_REQUEST_TIMEOUT_S", 15.0, 0.1, 600.0),
+        answer_timeout_s=_float(env, "BROUTE_ANSWER_TIMEOUT_S", 8.0, 0.1, 120.0),
+        request_retries=_int(env, "BROUTE_REQUEST_RETRIES", 2, 1, 10),
+        scan_timeout_s=_float(env, "BROUTE_SCAN_TIMEOUT_S", 120.0, 0.1, 1800.0),
+        join_timeout_s=_float(env, "BROUTE_JOIN_TIMEOUT_S", 60.0, 0.1, 600.0),
+    )
+    backoff_min = _float(env, "BROUTE_BACKOFF_MIN_S", 10.0, 0.0, 3600.0)
+    policy = LinkPolicy(
+        max_misses=_int(env, "BROUTE_MAX_MISSES", 2, 1, 100),
+        dead_after_s=_float(env, "BROUTE_DEAD_AFTER_S", 90.0, 1.0, 86400.0),
+        rejoin_attempts=_int(env, "BROUTE_REJOIN_ATTEMPTS", 1, 0, 100),
+        reset_attempts=_int(env, "BROUTE_RESET_ATTEMPTS", 3, 1, 100),
+        backoff_min_s=backoff_min,
+        backoff_max_s=_float(env, "BROUTE_BACKOFF_MAX_S", max(300.0, backoff_min), backoff_min,
+                             86400.0),
+    )
+    return timing, policy
 
 
 def _broute_credentials(env: Env) -> tuple[str, str]:
@@ -432,8 +457,10 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
     source = load_source_default(env)
     meter = _get(env, "PUBLISHER_METER") or "broute"
     rbid = password = ""
+    timing, policy = LinkTiming(), LinkPolicy()
     if meter == "broute":
         rbid, password = _broute_credentials(env)
+        timing, policy = _broute_link(env)
     elif meter != "simulated":
         raise ConfigError("PUBLISHER_METER", f"must be broute or simulated, got {meter!r}")
     return PublisherSettings(
@@ -444,6 +471,8 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
         broute_id=rbid,
         broute_password=password,
         broute_device=_get(env, "BROUTE_DEVICE") or "/dev/ttyUSB0",
+        broute_timing=timing,
+        broute_policy=policy,
         interval_s=_float(env, "PUBLISHER_INTERVAL_S", 10.0, 0.01, 3600.0),
         outbox=Path(_get(env, "PUBLISHER_OUTBOX") or DEFAULT_OUTBOX),
         outbox_max_rows=_int(env, "PUBLISHER_OUTBOX_MAX_ROWS", 2_000_000, 1000, 100_000_000),

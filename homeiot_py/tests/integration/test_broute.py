@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from homeiot.adapters.broute import BrouteBackend
-from homeiot.core.errors import MeterAuthError, MeterUnavailableError
+from homeiot.core.errors import MeterAuthError, MeterLinkDeadError, MeterUnavailableError
+from homeiot.core.link import LinkPolicy, LinkTiming, Step
+from homeiot.core.reading import Reading
 from tests.fake_dongle import FakeDongle
 
 pytestmark = pytest.mark.integration
@@ -17,7 +22,12 @@ pytestmark = pytest.mark.integration
 RBID = "0" * 31 + "1"
 PASSWORD = "ABCDEFGHIJKL"
 # momonga's pacing, shortened for the fake dongle (the defaults suit a real radio).
-TUNING = {"internal_xmit_interval": 0.05, "recv_timeout": 1, "xmit_retries": 2, "xmit_timeout": 3}
+TUNING = {"internal_xmit_interval": 0.05}
+# The production bounds scaled down for the fake dongle (a scan and a join take milliseconds here).
+TIMING = LinkTiming(request_timeout_s=1.5, answer_timeout_s=0.5, request_retries=2,
+                    scan_timeout_s=3, join_timeout_s=3, close_timeout_s=2, probe_timeout_s=0.5)
+POLICY = LinkPolicy(max_misses=2, dead_after_s=90, rejoin_attempts=1, reset_attempts=3,
+                    backoff_min_s=0.2, backoff_max_s=1)
 
 
 def fixed_time_edt(year: int, month: int, day: int, hour: int, minute: int, raw: int) -> bytes:
@@ -37,15 +47,16 @@ VALUES = {
 
 
 @pytest.fixture
-def dongle() -> Iterator[FakeDongle]:
-    fake = FakeDongle(RBID, PASSWORD, VALUES)
+def dongle(tmp_path: Path) -> Iterator[FakeDongle]:
+    fake = FakeDongle(RBID, PASSWORD, VALUES, link=tmp_path / "ttyWISUN0")
     yield fake
     fake.close()
 
 
-def backend(dongle: FakeDongle, password: str = PASSWORD) -> BrouteBackend:
-    return BrouteBackend("meter1", RBID, password, dongle.path, reconnect_min_s=0.5,
-                         reconnect_max_s=2, tuning=TUNING)
+def backend(dongle: FakeDongle, password: str = PASSWORD,
+            policy: LinkPolicy = POLICY) -> BrouteBackend:
+    return BrouteBackend("meter1", RBID, password, dongle.path, timing=TIMING, policy=policy,
+                         tuning=TUNING)
 
 
 def test_a_normal_session(dongle: FakeDongle) -> None:
@@ -133,23 +144,173 @@ def test_session_expiry_and_reauthentication(dongle: FakeDongle) -> None:
         meter.close()
 
 
-def test_a_silent_dongle_is_reported_and_the_session_comes_back(dongle: FakeDongle) -> None:
+@dataclass
+class Outage:
+    """What a fault cost: readings before it, the time to notice it and to recover."""
+
+    before: list[Reading]
+    detected_s: float
+    recovered_s: float
+    steps: list[Step]
+
+
+def ride_out(meter: BrouteBackend, fault: Callable[[], None], heal: Callable[[], None], *,
+             heal_after_s: float, limit_s: float = 60, interval_s: float = 0.1) -> Outage:
+    """Read like the publisher does; inject ``fault``; ``heal`` after ``heal_after_s``; return
+    once a reading arrives again. Every reading taken stays in ``before`` (the outbox's view)."""
+    before = [meter.read() for _ in range(3)]
+    fault()
+    started = time.monotonic()
+    detected = healed_at = None
+    steps: list[Step] = []
+    while True:
+        now = time.monotonic()
+        assert now - started < limit_s, f"no recovery in {limit_s} s; ladder at {steps}"
+        if healed_at is None and now - started >= heal_after_s:
+            heal()
+            healed_at = now
+        try:
+            reading = meter.read()
+        except MeterUnavailableError:
+            step = meter.link.action.step
+            if not steps or steps[-1] is not step:
+                steps.append(step)
+            if detected is None and step in (Step.REJOIN, Step.RESET):
+                detected = time.monotonic() - started
+            time.sleep(interval_s)
+            continue
+        if detected is None:  # a fault the ladder never saw (it healed first)
+            detected = float("nan")
+        assert reading.power_w == 532.0
+        return Outage(before, detected, time.monotonic() - started, steps)
+
+
+def report(name: str, outage: Outage, dongle: FakeDongle) -> None:
+    print(f"broute_fault fault={name} detect_s={outage.detected_s:.2f} "
+          f"recover_s={outage.recovered_s:.2f} steps={'>'.join(s.value for s in outage.steps)} "
+          f"resets={dongle.resets} scans={dongle.scans}")
+
+
+def test_a_silent_dongle_is_reset_and_comes_back(dongle: FakeDongle,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="homeiot.adapters.broute")
     meter = backend(dongle)
     meter.open()
     try:
-        dongle.silent = True
-        started = time.monotonic()
-        with pytest.raises(MeterUnavailableError):
-            meter.read()
-        assert time.monotonic() - started < 60
-        dongle.silent = False
-        deadline = time.monotonic() + 30
-        while True:  # the backend reconnects with backoff on its own
-            try:
-                assert meter.read().power_w == 532.0
-                break
-            except MeterUnavailableError:
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+        def mute() -> None:
+            dongle.silent = True
+
+        def unmute() -> None:
+            dongle.silent = False
+
+        outage = ride_out(meter, mute, unmute, heal_after_s=8)
     finally:
         meter.close()
+    report("dongle_silent", outage, dongle)
+    assert len(outage.before) == 3  # taken before the fault, never lost
+    # two unanswered requests (each at most 1.5 s to transmit) make the session dead
+    assert outage.detected_s < 2 * TIMING.request_bound_s + 1
+    assert outage.steps[:2] == [Step.REREQUEST, Step.REJOIN]
+    assert Step.RESET in outage.steps  # the rejoin's probe found the dongle silent
+    assert dongle.resets >= 2  # the first open and at least one recovery reset
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("re-requesting" in m for m in messages) == 1  # each step logged once
+    assert any("rejoin" in m and "no valid answer for 2 request(s)" in m for m in messages)
+    assert any("did not answer SKINFO" in m for m in messages)
+    assert any("link healthy again" in m for m in messages)
+
+
+def test_fail_er05_to_skscan_is_reset_away(dongle: FakeDongle) -> None:
+    meter = backend(dongle)
+    dongle.scan_er05 = 2  # the first open and the next attempt
+    meter.open()  # does not raise: the ladder takes it from here
+    assert meter.link.action.step is Step.REJOIN
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            reading = meter.read()
+            break
+        except MeterUnavailableError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    meter.close()
+    assert reading.power_w == 532.0
+    assert dongle.scans == 3
+    assert dongle.scan_er05 == 0
+
+
+def test_er05_forever_ends_in_exit(dongle: FakeDongle) -> None:
+    meter = backend(dongle, policy=LinkPolicy(max_misses=2, rejoin_attempts=1, reset_attempts=2,
+                                              backoff_min_s=0.1, backoff_max_s=0.2))
+    dongle.scan_er05 = 100
+    meter.open()
+    deadline = time.monotonic() + 30
+    with pytest.raises(MeterLinkDeadError, match=r"ER05|InvalidArgument"):  # noqa: PT012
+        while True:
+            assert time.monotonic() < deadline
+            try:
+                meter.read()
+            except MeterUnavailableError:
+                time.sleep(0.05)
+    assert dongle.scans == 4  # the first open, one rejoin, two resets — then no more
+
+
+def test_a_session_that_expires_without_an_event_is_rejoined(dongle: FakeDongle) -> None:
+    meter = backend(dongle)
+    meter.open()
+    try:
+        outage = ride_out(meter, dongle.expire_silently, lambda: None, heal_after_s=0)
+    finally:
+        meter.close()
+    report("session_expired_silently", outage, dongle)
+    assert outage.steps == [Step.REREQUEST, Step.REJOIN]
+    assert dongle.resets == 1  # a rejoin was enough: no SKRESET
+    assert outage.detected_s < 2 * TIMING.request_bound_s + 1
+
+
+def test_a_meter_that_stops_answering_while_the_dongle_lives(dongle: FakeDongle) -> None:
+    meter = backend(dongle)
+    meter.open()
+
+    def mute() -> None:
+        dongle.meter_silent = True
+
+    def unmute() -> None:
+        dongle.meter_silent = False
+
+    try:
+        outage = ride_out(meter, mute, unmute, heal_after_s=4)
+    finally:
+        meter.close()
+    report("meter_silent", outage, dongle)
+    assert outage.steps[:2] == [Step.REREQUEST, Step.REJOIN]
+    assert outage.detected_s < 2 * TIMING.request_bound_s + 1
+
+
+def test_the_serial_device_disappears_and_comes_back(dongle: FakeDongle) -> None:
+    meter = backend(dongle)
+    meter.open()
+    try:
+        outage = ride_out(meter, dongle.unplug, dongle.replug, heal_after_s=2)
+    finally:
+        meter.close()
+    report("device_gone", outage, dongle)
+    assert outage.steps[0] is Step.RESET  # no re-request, no rejoin: the port must be reopened
+    assert outage.detected_s < 2
+
+
+def test_a_device_that_never_comes_back_ends_in_exit(dongle: FakeDongle) -> None:
+    meter = backend(dongle, policy=LinkPolicy(reset_attempts=2, backoff_min_s=0.1,
+                                              backoff_max_s=0.2))
+    meter.open()
+    meter.read()
+    dongle.unplug()
+    deadline = time.monotonic() + 20
+    with pytest.raises(MeterLinkDeadError, match="does not exist"):  # noqa: PT012
+        while True:
+            assert time.monotonic() < deadline
+            try:
+                meter.read()
+            except MeterUnavailableError:
+                time.sleep(0.05)
+    dongle.replug()  # for the fixture's close
