@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +18,10 @@ from homeiot.adapters.broute import BrouteBackend
 from homeiot.core.errors import MeterAuthError, MeterLinkDeadError, MeterUnavailableError
 from homeiot.core.link import LinkPolicy, LinkTiming, Step
 from homeiot.core.reading import Reading
+from tests.conftest import USERS
+from tests.drill import Subscriber, outbox_state, publisher_env
 from tests.fake_dongle import FakeDongle
+from tests.services import Pki, start_mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -314,3 +320,53 @@ def test_a_device_that_never_comes_back_ends_in_exit(dongle: FakeDongle) -> None
             except MeterUnavailableError:
                 time.sleep(0.05)
     dongle.replug()  # for the fixture's close
+
+
+def test_the_publisher_keeps_every_reading_and_exits_4_when_the_link_is_dead(
+        tmp_path_factory: pytest.TempPathFactory, pki: Pki, tmp_path: Path,
+        dongle: FakeDongle) -> None:
+    """Through the real publisher process and a real Mosquitto: the dongle is pulled for good;
+    the ladder climbs to its end, the process exits 4 (systemd restarts it), and every reading
+    taken before is either delivered or still in the outbox."""
+    broker = start_mosquitto(tmp_path_factory.mktemp("broker"), pki, USERS)
+    subscriber = Subscriber(broker)
+    outbox = tmp_path / "outbox.sqlite"
+    env = {**publisher_env(broker, outbox, 5), "PUBLISHER_METER": "broute", "BROUTE_ID": RBID,
+           "BROUTE_PASSWORD": PASSWORD, "BROUTE_DEVICE": dongle.path,
+           "BROUTE_REQUEST_TIMEOUT_S": "1.5", "BROUTE_ANSWER_TIMEOUT_S": "0.5",
+           "BROUTE_SCAN_TIMEOUT_S": "5", "BROUTE_JOIN_TIMEOUT_S": "5",
+           "BROUTE_RESET_ATTEMPTS": "2", "BROUTE_BACKOFF_MIN_S": "0.2",
+           "BROUTE_BACKOFF_MAX_S": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(subscriber.snapshot()) < 5:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no readings from the fake dongle"
+            time.sleep(0.1)
+        dongle.unplug()
+        unplugged = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+        exited_after = time.monotonic() - unplugged
+        dongle.replug()  # for the fixture's close
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        subscriber.client.disconnect()
+        subscriber.client.loop_stop()
+        broker.process.stop()
+    print(f"broute_publisher_exit exit={proc.returncode} after_s={exited_after:.2f}")
+    assert proc.returncode == 4, output
+    assert "giving up" in output
+    assert "the serial device is gone" in output
+    assert PASSWORD not in output
+    _, next_seq = outbox_state(outbox)
+    con = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
+    try:
+        waiting = {seq for (seq,) in con.execute("SELECT seq FROM outbox WHERE source = 'meter1'")}
+    finally:
+        con.close()
+    assert next_seq >= 5
+    assert set(subscriber.snapshot()) | waiting == set(range(next_seq))  # nothing lost
