@@ -13,6 +13,8 @@ plus session expiry (EVENT 29 → 25) and the faults households report:
   transmitted but never answered until the next successful ``SKJOIN``;
 * ``meter_silent`` — the meter stops answering while the dongle lives: requests go out, no answer
   comes back, a scan finds no PAN;
+* ``history`` — the meter's half-hour history (0xE2 with the day set by 0xE5), or None for a
+  meter without it;
 * :meth:`unplug` / :meth:`replug` — the serial device disappears (its symlink ``link`` is removed,
   the pty closed) and comes back as a new pty behind the same path.
 """
@@ -25,17 +27,21 @@ import select
 import threading
 import time
 import tty
+from collections.abc import Callable
+from datetime import date, timedelta
 from pathlib import Path
 
 MY_IP6 = "FE80:0000:0000:0000:021D:1290:0003:C890"
 METER_MAC = "12345678ABCDEF01"
 METER_IP6 = "FE80:0000:0000:0000:1034:5678:ABCD:EF01"
 ECHONET_PORT = "0E1A"
+NO_VALUE = 0xFFFFFFFE  # a cumulative energy the meter does not have
 
 
 class FakeDongle:
     def __init__(self, rbid: str, password: str, values: dict[int, bytes],
-                 link: Path | None = None) -> None:
+                 link: Path | None = None, history: dict[date, list[int]] | None = None,
+                 today: Callable[[], date] = date.today) -> None:
         self.rbid = rbid
         self.password = password
         self.values = dict(values)
@@ -50,6 +56,11 @@ class FakeDongle:
         self.answered = 0
         self._got_rbid = ""
         self._got_password = ""
+        # The meter's memory of half hours (0xE2), by its (JST) day; None: it has none (answers
+        # 0xE2 and 0xE5 with "not possible"). ``today`` is the meter's clock.
+        self.history = history
+        self.history_day = 0
+        self.today = today
         self._link = link
         self._lock = threading.Lock()
         self._plug()
@@ -197,23 +208,44 @@ class FakeDongle:
         if self.silent:
             return
         tid, esv, count = frame[2:4], frame[10], frame[11]
-        epcs = [frame[12 + 2 * i] for i in range(count)]
-        self.requests.append(epcs)
+        props: list[tuple[int, bytes]] = []
+        cur = 12
+        for _ in range(count):
+            epc, pdc = frame[cur], frame[cur + 1]
+            props.append((epc, frame[cur + 2:cur + 2 + pdc]))
+            cur += 2 + pdc
+        self.requests.append([epc for epc, _ in props])
         if self.meter_silent or not self.session_valid:  # transmitted, never answered
             self._send(f"EVENT 21 {METER_IP6} 00\r\nOK\r\n")
             return
         self.answered += 1
         body = b""
         missing = False
-        for epc in epcs:
-            edt = self.values.get(epc)
+        for epc, data in props:
+            if esv == 0x61:  # SetC: only the day of the history (0xE5) can be set
+                if epc == 0xE5 and self.history is not None and len(data) == 1:
+                    self.history_day = data[0]
+                else:
+                    missing = True
+                body += bytes([epc, 0])
+                continue
+            edt = self._history_edt() if epc == 0xE2 else self.values.get(epc)
             if edt is None or esv != 0x62:
                 missing = True
                 body += bytes([epc, 0])
             else:
                 body += bytes([epc, len(edt)]) + edt
+        answer = {0x61: (0x51, 0x71), 0x62: (0x52, 0x72)}.get(esv, (0x52, 0x72))
         response = (b"\x10\x81" + tid + b"\x02\x88\x01\x05\xff\x01"
-                    + bytes([0x52 if missing else 0x72, count]) + body)
+                    + bytes([answer[0] if missing else answer[1], count]) + body)
         self._send(f"EVENT 21 {METER_IP6} 00\r\nOK\r\n")
         self._send(f"ERXUDP {METER_IP6} {MY_IP6} {ECHONET_PORT} {ECHONET_PORT} {METER_MAC} 1 "
                    f"{len(response):04X} {response.hex().upper()}\r\n")
+
+    def _history_edt(self) -> bytes | None:
+        """0xE2: the day number, then 48 cumulative values (0xFFFFFFFE where there is none)."""
+        if self.history is None:
+            return None
+        day = self.today() - timedelta(days=self.history_day)
+        raw = self.history.get(day, [NO_VALUE] * 48)
+        return self.history_day.to_bytes(2, "big") + b"".join(v.to_bytes(4, "big") for v in raw)

@@ -417,6 +417,7 @@ class PublisherSettings:
     broute_device: str = "/dev/ttyUSB0"
     broute_timing: LinkTiming = field(default_factory=LinkTiming)
     broute_policy: LinkPolicy = field(default_factory=LinkPolicy)
+    broute_history_days: int = 2
 
 
 def _broute_link(env: Env) -> tuple[LinkTiming, LinkPolicy]:
@@ -463,6 +464,11 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
         timing, policy = _broute_link(env)
     elif meter != "simulated":
         raise ConfigError("PUBLISHER_METER", f"must be broute or simulated, got {meter!r}")
+    history_days = _int(env, "BROUTE_HISTORY_DAYS", 2, 0, 99)
+    max_age_days = _float(env, "PUBLISHER_OUTBOX_MAX_AGE_DAYS", 30.0, 1.0, 3650.0)
+    if history_days >= max_age_days:  # the outbox would drop the slots read back at once
+        raise ConfigError("BROUTE_HISTORY_DAYS", f"must be less than PUBLISHER_OUTBOX_MAX_AGE_DAYS "
+                                                 f"({max_age_days:g}), got {history_days}")
     return PublisherSettings(
         mqtt=mqtt,
         source=source,
@@ -473,10 +479,11 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
         broute_device=_get(env, "BROUTE_DEVICE") or "/dev/ttyUSB0",
         broute_timing=timing,
         broute_policy=policy,
+        broute_history_days=history_days,
         interval_s=_float(env, "PUBLISHER_INTERVAL_S", 10.0, 0.01, 3600.0),
         outbox=Path(_get(env, "PUBLISHER_OUTBOX") or DEFAULT_OUTBOX),
         outbox_max_rows=_int(env, "PUBLISHER_OUTBOX_MAX_ROWS", 2_000_000, 1000, 100_000_000),
-        outbox_max_age_days=_float(env, "PUBLISHER_OUTBOX_MAX_AGE_DAYS", 30.0, 1.0, 3650.0),
+        outbox_max_age_days=max_age_days,
         backlog_rate=_float(env, "PUBLISHER_BACKLOG_RATE", 100.0, 1.0, 100_000.0),
         window=_int(env, "PUBLISHER_WINDOW", 100, 1, 10_000),
         seed=_int(env, "SIMULATED_SEED", 1, 0, 2**31),

@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meter = BrouteBackend(settings.source, settings.broute_id, settings.broute_password,
                               settings.broute_device, timing=settings.broute_timing,
                               policy=settings.broute_policy,
+                              history_days=settings.broute_history_days,
                               resume_kwh=outbox.last_energy(settings.source))
     else:
         meter = SimulatedBackend(settings.source, settings.seed, settings.timezone)

@@ -8,19 +8,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 
 from homeiot.adapters.broute import BrouteBackend
+from homeiot.adapters.influx import InfluxClient
+from homeiot.config import InfluxSettings
 from homeiot.core.errors import MeterAuthError, MeterLinkDeadError, MeterUnavailableError
+from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.link import LinkPolicy, LinkTiming, Step
-from homeiot.core.reading import Reading
+from homeiot.core.reading import Reading, epoch_ms
+from homeiot.core.slots import METER_TZ, slot_reading, slot_times
 from tests.conftest import USERS
 from tests.drill import Subscriber, outbox_state, publisher_env
-from tests.fake_dongle import FakeDongle
+from tests.fake_dongle import NO_VALUE, FakeDongle
 from tests.services import Pki, start_mosquitto
 
 pytestmark = pytest.mark.integration
@@ -59,10 +63,11 @@ def dongle(tmp_path: Path) -> Iterator[FakeDongle]:
     fake.close()
 
 
-def backend(dongle: FakeDongle, password: str = PASSWORD,
-            policy: LinkPolicy = POLICY) -> BrouteBackend:
+def backend(dongle: FakeDongle, password: str = PASSWORD, policy: LinkPolicy = POLICY,
+            clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+            history_days: int = 2) -> BrouteBackend:
     return BrouteBackend("meter1", RBID, password, dongle.path, timing=TIMING, policy=policy,
-                         tuning=TUNING)
+                         tuning=TUNING, clock=clock, history_days=history_days)
 
 
 def test_a_normal_session(dongle: FakeDongle) -> None:
@@ -70,6 +75,7 @@ def test_a_normal_session(dongle: FakeDongle) -> None:
     meter.open()
     try:
         reading = meter.read()
+        slots = meter.pending()
     finally:
         meter.close()
     assert reading.power_w == 532.0
@@ -77,10 +83,13 @@ def test_a_normal_session(dongle: FakeDongle) -> None:
     assert reading.current_t_a is None  # 0x7FFE: no T phase on a single-phase meter
     assert reading.energy_normal_kwh == pytest.approx(1_234_567.8)
     assert reading.energy_reverse_kwh == 0.0
-    assert reading.fixed_ts == datetime(2025, 12, 16, 15, 30, tzinfo=UTC)  # 00:30 JST
-    assert reading.fixed_energy_normal_kwh == pytest.approx(1_234_567.0)
-    # One request for the live values, then the half-hourly one.
-    assert sorted(dongle.requests[-2]) == [0xE0, 0xE3, 0xE7, 0xE8]
+    # The 30-minute energy is its own slot reading, keyed by its half hour (00:30 JST).
+    assert reading.fixed_ts is None
+    assert slots == [slot_reading("meter1", datetime(2025, 12, 16, 15, 30, tzinfo=UTC),
+                                  1_234_567.0)]
+    # One request for the live values, then the half-hourly one (this meter keeps no history:
+    # 0xE5 was refused once, and the history is not asked for again).
+    assert [0xE5] in dongle.requests
     assert dongle.requests[-1] == [0xEA]
     assert PASSWORD not in repr(meter)
 
@@ -328,6 +337,9 @@ def test_the_publisher_keeps_every_reading_and_exits_4_when_the_link_is_dead(
     """Through the real publisher process and a real Mosquitto: the dongle is pulled for good;
     the ladder climbs to its end, the process exits 4 (systemd restarts it), and every reading
     taken before is either delivered or still in the outbox."""
+    now = datetime.now(METER_TZ)  # a recent half hour: the outbox drops what is 30 days old
+    dongle.values[0xEA] = fixed_time_edt(now.year, now.month, now.day, now.hour,
+                                         now.minute - now.minute % 30, 12_345_670)
     broker = start_mosquitto(tmp_path_factory.mktemp("broker"), pki, USERS)
     subscriber = Subscriber(broker)
     outbox = tmp_path / "outbox.sqlite"
@@ -370,3 +382,145 @@ def test_the_publisher_keeps_every_reading_and_exits_4_when_the_link_is_dead(
         con.close()
     assert next_seq >= 5
     assert set(subscriber.snapshot()) | waiting == set(range(next_seq))  # nothing lost
+
+
+# --- filling gaps from the meter's own history (0xE5 + 0xE2) -----------------------------------
+
+RAW_PER_SLOT = 5  # 0.5 kWh a half hour, in the meter's 0.1 kWh unit
+RAW_AT_EPOCH = 12_000_000
+
+
+class Clock:
+    """The wall clock of the backend and the meter, moved by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def raw_at(at: datetime) -> int:
+    """The meter's cumulative counter at a half hour: a steady 0.5 kWh per slot."""
+    return RAW_AT_EPOCH + RAW_PER_SLOT * int(at.timestamp() - 1.7e9) // 1800
+
+
+def seed(dongle: FakeDongle, now: datetime, days: int = 5) -> None:
+    """The meter's memory up to ``now``: each day's 48 values, "no value" after now; 0xEA too."""
+    today = now.astimezone(METER_TZ).date()
+    dongle.history = {}
+    for back in range(days):
+        day = date.fromordinal(today.toordinal() - back)
+        dongle.history[day] = [raw_at(at) if at <= now else NO_VALUE for at in slot_times(day)]
+    last = max(at for at in slot_times(today) + slot_times(
+        date.fromordinal(today.toordinal() - 1)) if at <= now)
+    jst = last.astimezone(METER_TZ)
+    dongle.values[0xEA] = fixed_time_edt(jst.year, jst.month, jst.day, jst.hour, jst.minute,
+                                         raw_at(last))
+
+
+def run_once(dongle: FakeDongle, clock: Clock, history_days: int = 2) -> list[Reading]:
+    """A publisher run: start, one read, stop. Returns the slot readings it handed over."""
+    meter = backend(dongle, clock=clock, history_days=history_days)
+    meter.open()
+    try:
+        meter.read()
+        return meter.pending()
+    finally:
+        meter.close()
+
+
+def jst(year: int, month: int, day: int, hour: int, minute: int) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=METER_TZ).astimezone(UTC)
+
+
+def test_half_hours_missed_while_the_publisher_was_off_come_back(
+        tmp_path: Path, influx_db: InfluxSettings) -> None:
+    clock = Clock(jst(2025, 12, 17, 0, 47))
+    dongle = FakeDongle(RBID, PASSWORD, VALUES, link=tmp_path / "tty", history={},
+                        today=lambda: clock.now.astimezone(METER_TZ).date())
+    try:
+        seed(dongle, clock.now)
+        first = run_once(dongle, clock)
+        clock.now = jst(2025, 12, 17, 2, 5)  # off for 01:00 and 01:30; 02:00 is new
+        seed(dongle, clock.now)
+        second = run_once(dongle, clock)
+    finally:
+        dongle.close()
+    yesterday = slot_times(date(2025, 12, 16))
+    assert [r.ts for r in first] == [*yesterday, jst(2025, 12, 17, 0, 0), jst(2025, 12, 17, 0, 30)]
+    today = [jst(2025, 12, 17, h, m) for h, m in ((0, 0), (0, 30), (1, 0), (1, 30), (2, 0))]
+    assert {r.ts for r in second} == {*yesterday, *today}  # 48 of 48 yesterday, every one today
+    for reading in first + second:
+        assert reading.ts == reading.fixed_ts
+        assert reading.fixed_energy_normal_kwh == pytest.approx(raw_at(reading.ts) / 10)
+    # Published twice, stored once: a slot is the same series and timestamp every time.
+    with InfluxClient(influx_db) as influx:
+        influx.write([encode_reading(replace(r, seq=i)) for i, r in enumerate(first + second)])
+        rows = list(influx.rows('SELECT "fixed_energy_normal_kwh" FROM "meter_readings"'))
+    assert len(first + second) == 50 + 53
+    assert len(rows) == 48 + 5
+    assert sorted(row["time"] for row in rows) == sorted(epoch_ms(t) for t in yesterday + today)
+
+
+def test_a_gap_across_midnight_and_several_days_after_a_dead_link(tmp_path: Path) -> None:
+    clock = Clock(jst(2025, 12, 14, 23, 10))
+    dongle = FakeDongle(RBID, PASSWORD, VALUES, link=tmp_path / "tty", history={},
+                        today=lambda: clock.now.astimezone(METER_TZ).date())
+    seed(dongle, clock.now)
+    meter = backend(dongle, clock=clock, history_days=5)
+    meter.open()
+    try:
+        meter.read()
+        before = meter.pending()
+        assert before[-1].ts == jst(2025, 12, 14, 23, 0)
+        dongle.unplug()  # the link dies for two days and a bit
+        with pytest.raises(MeterUnavailableError):
+            meter.read()
+        clock.now = jst(2025, 12, 17, 0, 40)
+        seed(dongle, clock.now)
+        dongle.replug()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                meter.read()
+                break
+            except MeterUnavailableError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        after = meter.pending()
+    finally:
+        meter.close()
+        dongle.close()
+    missing = [at for at in slot_times(date(2025, 12, 14)) + slot_times(date(2025, 12, 15))
+               + slot_times(date(2025, 12, 16)) + slot_times(date(2025, 12, 17))
+               if jst(2025, 12, 14, 23, 0) < at <= clock.now]
+    assert [r.ts for r in after] == missing  # 23:30, two full days, 00:00 and 00:30: no more
+    assert len(missing) == 1 + 48 + 48 + 2
+    assert sum(r == [0xE2] for r in dongle.requests) == 5 + 4  # start-up: 5 days; then 4
+
+
+def test_a_meter_without_history_is_logged_once_and_keeps_working(
+        dongle: FakeDongle, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="homeiot.adapters.broute")
+    assert dongle.history is None
+    meter = backend(dongle)
+    meter.open()
+    try:
+        readings = [meter.read() for _ in range(3)]
+        dongle.unplug()
+        dongle.replug()
+        deadline = time.monotonic() + 30
+        while True:  # after a recovery the history would be due again: still not asked
+            try:
+                readings.append(meter.read())
+                break
+            except MeterUnavailableError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        meter.close()
+    assert all(r.power_w == 532.0 for r in readings)
+    warnings = [r for r in caplog.records if "keeps no half-hour history" in r.getMessage()]
+    assert len(warnings) == 1
+    assert sum(r == [0xE5] for r in dongle.requests) == 1

@@ -54,3 +54,11 @@ def test_bad_values_name_the_variable(env: dict[str, str], name: str, value: str
     with pytest.raises(ConfigError) as info:
         load_publisher({**env, name: value})
     assert info.value.variable == name
+
+
+def test_history_days_must_fit_in_the_outbox(env: dict[str, str]) -> None:
+    assert load_publisher({**env, "BROUTE_HISTORY_DAYS": "7"}).broute_history_days == 7
+    assert load_publisher({**env, "BROUTE_HISTORY_DAYS": "0"}).broute_history_days == 0
+    with pytest.raises(ConfigError, match="PUBLISHER_OUTBOX_MAX_AGE_DAYS") as info:
+        load_publisher({**env, "BROUTE_HISTORY_DAYS": "5", "PUBLISHER_OUTBOX_MAX_AGE_DAYS": "5"})
+    assert info.value.variable == "BROUTE_HISTORY_DAYS"

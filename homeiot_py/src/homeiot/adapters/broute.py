@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import momonga
 from momonga import EchonetPropertyCode as Epc
@@ -49,10 +48,10 @@ from homeiot.core.link import (
 )
 from homeiot.core.meterdata import EnergyCounter, current_a, power_w
 from homeiot.core.reading import Reading
+from homeiot.core.slots import METER_TZ, SLOT, day_readings, days_to_read, slot_reading
 
 logger = logging.getLogger(__name__)
 
-_JST = ZoneInfo("Asia/Tokyo")  # the meter's clock (0xEA timestamps)
 _FIXED_EVERY = timedelta(minutes=30)
 _DEFAULT_DIGITS = 8
 _ABANDON_JOIN_S = 10.0  # how long an abandoned open/close may take to notice its cancellation
@@ -109,6 +108,7 @@ class BrouteBackend:
                  timing: LinkTiming | None = None, policy: LinkPolicy | None = None,
                  tuning: dict[str, Any] | None = None,
                  resume_kwh: tuple[float | None, float | None] = (None, None),
+                 history_days: int = 2,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.source = source
@@ -125,7 +125,12 @@ class BrouteBackend:
         self._counters: tuple[EnergyCounter, EnergyCounter] | None = None  # survive reconnects
         self._resume = resume_kwh  # the last published (normal, reverse), e.g. from the outbox
         self._next_fixed = datetime.min.replace(tzinfo=UTC)
-        self._fixed: tuple[datetime, float] | None = None
+        self._slots: list[Reading] = []  # half-hour slot readings not yet handed over
+        self._last_slot: datetime | None = None  # the newest half hour handed over
+        self._history_days = history_days  # 0: never read the history back
+        self._history_supported = True
+        self._history_due = True  # read the history back at the next good read
+        self._next_history = datetime.min.replace(tzinfo=UTC)
 
     def __repr__(self) -> str:  # never the credentials
         return f"BrouteBackend(source={self.source!r}, device={self.device!r})"
@@ -161,6 +166,7 @@ class BrouteBackend:
             self._announce(self.link.handle(OpenFailed(self._monotonic(), exc.failure, str(exc))))
             return False
         self.link.handle(OpenOk(self._monotonic()))
+        self._history_due = True  # the link was down: half hours may be missing
         return True
 
     def _open(self, *, reset: bool) -> _Session:
@@ -320,32 +326,80 @@ class BrouteBackend:
         power = power_w(values.get(Epc.instantaneous_power))
         if power is None:
             raise MeterUnavailableError("the meter has no instantaneous power value right now")
-        fixed = self._fixed_energy(session, now)
-        return Reading(
+        reading = Reading(
             source=self.source, ts=now, seq=0, power_w=power,
             current_r_a=current_a(currents.get("r phase current")),
             current_t_a=current_a(currents.get("t phase current")),
             energy_normal_kwh=session.normal.update(values.get(Epc.measured_cumulative_energy)),
             energy_reverse_kwh=session.reverse.update(
-                values.get(Epc.measured_cumulative_energy_reversed)),
-            fixed_ts=fixed[0] if fixed else None,
-            fixed_energy_normal_kwh=fixed[1] if fixed else None)
+                values.get(Epc.measured_cumulative_energy_reversed)))
+        self._half_hours(session, now)
+        return reading
 
-    def _fixed_energy(self, session: _Session, now: datetime) -> tuple[datetime, float] | None:
-        """The 30-minute fixed-time energy (0xEA), asked for once per half hour."""
+    def pending(self) -> list[Reading]:
+        """Half-hour slot readings taken since the last call (live 0xEA, history 0xE2)."""
+        out, self._slots = self._slots, []
+        return out
+
+    def _add_slots(self, readings: list[Reading]) -> None:
+        for reading in readings:
+            if self._last_slot is None or reading.ts > self._last_slot:
+                self._slots.append(reading)
+                self._last_slot = reading.ts
+
+    def _half_hours(self, session: _Session, now: datetime) -> None:
+        """The half-hour slots: the missed ones from the meter's history after an open (the link
+        or the process was down), then the latest one (0xEA) once per half hour."""
+        if self._history_due and now >= self._next_history:
+            self._read_history(session, now)
         if now < self._next_fixed:
-            return self._fixed
+            return
         self._next_fixed = now + _FIXED_EVERY / 6  # retry in 5 min when it fails
         try:
             value = session.mo.get_cumulative_energy_measured_at_fixed_time()
         except (momonga.MomongaError, OSError) as exc:  # the next live request will tell
             logger.info("broute: no 30-minute energy this time: %s", exc)
-            return self._fixed
+            return
         stamp, energy = value.get("timestamp"), value.get("cumulative energy")
-        energy = session.normal.unwrap_past(energy) if isinstance(energy, int | float) else None
-        if not isinstance(stamp, datetime) or energy is None:
-            return self._fixed
-        fixed_ts = stamp.replace(tzinfo=_JST).astimezone(UTC)
-        self._fixed = (fixed_ts, energy)
+        kwh = session.normal.unwrap_past(energy) if isinstance(energy, int | float) else None
+        if not isinstance(stamp, datetime) or kwh is None:
+            return
+        fixed_ts = stamp.replace(tzinfo=METER_TZ).astimezone(UTC)
         self._next_fixed = fixed_ts + _FIXED_EVERY + timedelta(minutes=1)
-        return self._fixed
+        if (self._last_slot is not None and fixed_ts - self._last_slot > SLOT
+                and self._history_days > 0 and self._history_supported):
+            self._read_history(session, now)  # a half hour went by unseen (a slow link)
+        self._add_slots([slot_reading(self.source, fixed_ts, kwh)])
+
+    def _read_history(self, session: _Session, now: datetime) -> None:
+        """Read the missing half hours back from the meter's history (0xE5 + 0xE2), oldest day
+        first. A meter without the history is logged once and never asked again."""
+        if self._history_days < 1 or not self._history_supported:
+            self._history_due = False
+            return
+        today = now.astimezone(METER_TZ).date()
+        days = days_to_read(now, self._last_slot, self._history_days)
+        before, count = self._last_slot, len(self._slots)
+        for back in days:
+            try:
+                entries = session.mo.get_historical_cumulative_energy_1(day=back)
+            except momonga.MomongaResponseNotPossible as exc:
+                self._history_supported = self._history_due = False
+                logger.warning("broute: the meter keeps no half-hour history (0xE2/0xE5: %s); "
+                               "half hours missed while the link was down stay missing", exc)
+                return
+            except (momonga.MomongaError, OSError) as exc:
+                logger.info("broute: no history this time (trying again in 5 min): %s", exc)
+                self._next_history = now + _FIXED_EVERY / 6
+                return
+            if self._clock().astimezone(METER_TZ).date() != today:
+                return  # midnight passed during the read: "days back" moved; next read again
+            energies = [e.get("cumulative energy") for e in entries]
+            self._add_slots(day_readings(
+                self.source, today - timedelta(days=back),
+                [v if isinstance(v, int | float) else None for v in energies], now=now,
+                after=self._last_slot, unwrap=session.normal.unwrap_past))
+        self._history_due = False
+        logger.info("broute: read the half hours after %s back from the meter's history "
+                    "(%d day(s)): %d slot(s)", before.isoformat() if before else "start-up",
+                    len(days), len(self._slots) - count)

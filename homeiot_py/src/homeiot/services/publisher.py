@@ -169,6 +169,12 @@ class Publisher:
                     last_error = str(exc)
             except Exception:  # a bug or a driver surprise must not end the readings silently
                 logger.exception("meter read failed unexpectedly; trying again next interval")
+            try:  # half-hour slots (a live one, or read back after a gap): committed like readings
+                for slot in self.meter.pending():
+                    self._readings.put(slot)
+                    self._wake.set()
+            except Exception:  # never lose the pump to the meter
+                logger.exception("meter: taking its half-hour slots failed")
             next_at += interval
             delay = next_at - time.monotonic()
             if delay < 0:  # fell behind (a slow meter): do not burst to catch up
