@@ -25,7 +25,7 @@ from homeiot.core.slots import METER_TZ, slot_reading, slot_times
 from tests.conftest import USERS
 from tests.drill import Subscriber, outbox_state, publisher_env
 from tests.fake_dongle import NO_VALUE, FakeDongle
-from tests.services import Pki, start_mosquitto
+from tests.services import Pki, start_mosquitto, vm_hwm_mb
 
 pytestmark = pytest.mark.integration
 
@@ -351,14 +351,19 @@ def test_the_publisher_keeps_every_reading_and_exits_4_when_the_link_is_dead(
            "BROUTE_BACKOFF_MAX_S": "0.5"}
     proc = subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0.0
     try:
         deadline = time.monotonic() + 90
         while len(subscriber.snapshot()) < 5:
+            peak = max(peak, vm_hwm_mb(proc.pid))
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "no readings from the fake dongle"
             time.sleep(0.1)
         dongle.unplug()
         unplugged = time.monotonic()
+        while proc.poll() is None and time.monotonic() - unplugged < 60:  # the ladder climbs
+            peak = max(peak, vm_hwm_mb(proc.pid))
+            time.sleep(0.02)
         output, _ = proc.communicate(timeout=60)
         exited_after = time.monotonic() - unplugged
         dongle.replug()  # for the fixture's close
@@ -369,7 +374,8 @@ def test_the_publisher_keeps_every_reading_and_exits_4_when_the_link_is_dead(
         subscriber.client.disconnect()
         subscriber.client.loop_stop()
         broker.process.stop()
-    print(f"broute_publisher_exit exit={proc.returncode} after_s={exited_after:.2f}")
+    print(f"broute_publisher_exit exit={proc.returncode} after_s={exited_after:.2f} "
+          f"rss_mb={peak:.1f}")
     assert proc.returncode == 4, output
     assert "giving up" in output
     assert "the serial device is gone" in output
