@@ -83,6 +83,8 @@ class FakeDongle:
         self._thread.start()
 
     def close(self) -> None:
+        if self._stop.is_set():  # unplugged already
+            return
         self._stop.set()
         self._thread.join(5)
         if self._link is not None:
