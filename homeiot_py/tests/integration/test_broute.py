@@ -6,6 +6,7 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -16,16 +17,18 @@ import pytest
 
 from homeiot.adapters.broute import BrouteBackend
 from homeiot.adapters.influx import InfluxClient
-from homeiot.config import InfluxSettings
+from homeiot.adapters.outbox import Outbox
+from homeiot.config import InfluxSettings, load_publisher
 from homeiot.core.errors import MeterAuthError, MeterLinkDeadError, MeterUnavailableError
 from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.link import LinkPolicy, LinkTiming, Step
 from homeiot.core.reading import Reading, epoch_ms
 from homeiot.core.slots import METER_TZ, slot_reading, slot_times
+from homeiot.services.publisher import Publisher
 from tests.conftest import USERS
 from tests.drill import Subscriber, outbox_state, publisher_env
 from tests.fake_dongle import NO_VALUE, FakeDongle
-from tests.services import Pki, start_mosquitto, vm_hwm_mb
+from tests.services import Mosquitto, Pki, start_mosquitto, vm_hwm_mb
 
 pytestmark = pytest.mark.integration
 
@@ -548,3 +551,65 @@ def test_a_meter_without_history_is_logged_once_and_keeps_working(
     warnings = [r for r in caplog.records if "keeps no half-hour history" in r.getMessage()]
     assert len(warnings) == 1
     assert sum(r == [0xE5] for r in dongle.requests) == 1
+
+
+class FlakyMeter:
+    """A meter whose driver misbehaves in every way the meter loop must survive."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def open(self) -> None:
+        """Nothing to open."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def read(self) -> Reading:
+        self.calls += 1
+        if self.calls % 3 == 1:
+            raise RuntimeError("a driver surprise")
+        if self.calls % 3 == 2:
+            raise MeterUnavailableError("the B-route link is down; reset pending")
+        return Reading("meter1", datetime.now(UTC), 0, 100.0 + self.calls)
+
+    def pending(self) -> list[Reading]:
+        if self.calls == 2:
+            raise RuntimeError("a history surprise")
+        at = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        return [slot_reading("meter1", at, 10.0)] if self.calls == 3 else []
+
+
+def test_meter_exceptions_never_stop_the_pump(mosquitto: Mosquitto, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    settings = load_publisher(publisher_env(mosquitto, tmp_path / "outbox.sqlite", 50))
+    made: list[Publisher] = []
+    ready = threading.Event()
+
+    def run() -> None:  # the outbox (SQLite) lives on the pump's thread, as in the process
+        outbox = Outbox(settings.outbox)
+        made.append(Publisher(settings, FlakyMeter(), outbox))
+        ready.set()
+        try:
+            made[0].run()
+        finally:
+            outbox.close()
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    assert ready.wait(10)
+    publisher = made[0]
+    try:
+        deadline = time.monotonic() + 30
+        while publisher.delivered < 10:
+            assert time.monotonic() < deadline, f"delivered {publisher.delivered}"
+            assert runner.is_alive()
+            time.sleep(0.05)
+    finally:
+        publisher.stop()
+        runner.join(10)
+    assert publisher.exit_code == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("reset pending" in m for m in messages) >= 1
+    assert any("half-hour slots failed" in m for m in messages)
+    assert any("unexpectedly" in m for m in messages)
