@@ -18,7 +18,7 @@ MOLECULE_SCENARIOS := $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*
 WHEELHOUSE := .cache/wheelhouse
 PKG_SOURCES := $(shell find $(PKG)/src -type f \( -name '*.py' -o -name '*.json' -o -name 'py.typed' \) 2>/dev/null)
 
-.PHONY: help setup setup-apt setup-venv setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive drill-publisher clean
+.PHONY: help setup setup-apt setup-venv setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -93,6 +93,9 @@ bench-core: setup-venv ## Codec and line-protocol throughput against json.loads/
 
 bench-gateway: setup-venv ## Gateway drain rate vs bare paho and mosquitto_sub; p99 latency; RSS
 	cd $(PKG) && ../$(BIN)/python -m bench.bench_gateway
+
+bench-broute: setup-venv ## B-route fault detection/recovery times with the production bounds (fake dongle)
+	cd $(PKG) && ../$(BIN)/python -m bench.bench_broute
 
 bench-archive: setup-venv ## run_archive vs the raw curl export of one 16-meter 1 Hz day; RSS; 90-day history
 	cd $(PKG) && ../$(BIN)/python -m bench.bench_archive

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from homeiot.core.errors import ConfigError, EncodingError, TopicError
 from homeiot.core.lineprotocol import DEFAULT_MEASUREMENT, escape_measurement
+from homeiot.core.link import LinkPolicy, LinkTiming
 from homeiot.core.reading import validate_source
 from homeiot.core.topics import subscription_filter, validate_base_topic
 
@@ -414,6 +415,31 @@ class PublisherSettings:
     broute_id: str = field(default="", repr=False)
     broute_password: str = field(default="", repr=False)
     broute_device: str = "/dev/ttyUSB0"
+    broute_timing: LinkTiming = field(default_factory=LinkTiming)
+    broute_policy: LinkPolicy = field(default_factory=LinkPolicy)
+    broute_history_days: int = 2
+
+
+def _broute_link(env: Env) -> tuple[LinkTiming, LinkPolicy]:
+    """``BROUTE_*`` bounds and the recovery ladder's patience (docs/configuration.md)."""
+    timing = LinkTiming(
+        request_timeout_s=_float(env, "BROUTE_REQUEST_TIMEOUT_S", 15.0, 0.1, 600.0),
+        answer_timeout_s=_float(env, "BROUTE_ANSWER_TIMEOUT_S", 8.0, 0.1, 120.0),
+        request_retries=_int(env, "BROUTE_REQUEST_RETRIES", 2, 1, 10),
+        scan_timeout_s=_float(env, "BROUTE_SCAN_TIMEOUT_S", 120.0, 0.1, 1800.0),
+        join_timeout_s=_float(env, "BROUTE_JOIN_TIMEOUT_S", 60.0, 0.1, 600.0),
+    )
+    backoff_min = _float(env, "BROUTE_BACKOFF_MIN_S", 10.0, 0.0, 3600.0)
+    policy = LinkPolicy(
+        max_misses=_int(env, "BROUTE_MAX_MISSES", 2, 1, 100),
+        dead_after_s=_float(env, "BROUTE_DEAD_AFTER_S", 90.0, 1.0, 86400.0),
+        rejoin_attempts=_int(env, "BROUTE_REJOIN_ATTEMPTS", 1, 0, 100),
+        reset_attempts=_int(env, "BROUTE_RESET_ATTEMPTS", 3, 1, 100),
+        backoff_min_s=backoff_min,
+        backoff_max_s=_float(env, "BROUTE_BACKOFF_MAX_S", max(300.0, backoff_min), backoff_min,
+                             86400.0),
+    )
+    return timing, policy
 
 
 def _broute_credentials(env: Env) -> tuple[str, str]:
@@ -432,10 +458,17 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
     source = load_source_default(env)
     meter = _get(env, "PUBLISHER_METER") or "broute"
     rbid = password = ""
+    timing, policy = LinkTiming(), LinkPolicy()
     if meter == "broute":
         rbid, password = _broute_credentials(env)
+        timing, policy = _broute_link(env)
     elif meter != "simulated":
         raise ConfigError("PUBLISHER_METER", f"must be broute or simulated, got {meter!r}")
+    history_days = _int(env, "BROUTE_HISTORY_DAYS", 2, 0, 99)
+    max_age_days = _float(env, "PUBLISHER_OUTBOX_MAX_AGE_DAYS", 30.0, 1.0, 3650.0)
+    if history_days >= max_age_days:  # the outbox would drop the slots read back at once
+        raise ConfigError("BROUTE_HISTORY_DAYS", f"must be less than PUBLISHER_OUTBOX_MAX_AGE_DAYS "
+                                                 f"({max_age_days:g}), got {history_days}")
     return PublisherSettings(
         mqtt=mqtt,
         source=source,
@@ -444,10 +477,13 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
         broute_id=rbid,
         broute_password=password,
         broute_device=_get(env, "BROUTE_DEVICE") or "/dev/ttyUSB0",
+        broute_timing=timing,
+        broute_policy=policy,
+        broute_history_days=history_days,
         interval_s=_float(env, "PUBLISHER_INTERVAL_S", 10.0, 0.01, 3600.0),
         outbox=Path(_get(env, "PUBLISHER_OUTBOX") or DEFAULT_OUTBOX),
         outbox_max_rows=_int(env, "PUBLISHER_OUTBOX_MAX_ROWS", 2_000_000, 1000, 100_000_000),
-        outbox_max_age_days=_float(env, "PUBLISHER_OUTBOX_MAX_AGE_DAYS", 30.0, 1.0, 3650.0),
+        outbox_max_age_days=max_age_days,
         backlog_rate=_float(env, "PUBLISHER_BACKLOG_RATE", 100.0, 1.0, 100_000.0),
         window=_int(env, "PUBLISHER_WINDOW", 100, 1, 10_000),
         seed=_int(env, "SIMULATED_SEED", 1, 0, 2**31),

@@ -3,7 +3,8 @@
 Configuration comes from the environment (on the Pi, systemd's ``EnvironmentFile=`` loads
 ``/etc/homeiot/publisher.env``) or from ``--env-file``. Logs go to stdout for journald.
 Exit codes: 0 clean stop (SIGTERM/SIGINT), 2 configuration error, 3 the meter refused the B-route
-credentials (not retried: the unit sets RestartPreventExitStatus=3).
+credentials (not retried: the unit sets RestartPreventExitStatus=3), 4 the B-route link did not
+come back after every recovery step (systemd starts a fresh process).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     meter: Meter
     if settings.meter == "broute":
         meter = BrouteBackend(settings.source, settings.broute_id, settings.broute_password,
-                              settings.broute_device,
+                              settings.broute_device, timing=settings.broute_timing,
+                              policy=settings.broute_policy,
+                              history_days=settings.broute_history_days,
                               resume_kwh=outbox.last_energy(settings.source))
     else:
         meter = SimulatedBackend(settings.source, settings.seed, settings.timezone)
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         publisher.run()
     finally:
         outbox.close()
-    return 3 if publisher.fatal_error else 0
+    return publisher.exit_code
 
 
 if __name__ == "__main__":

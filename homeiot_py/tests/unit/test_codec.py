@@ -51,7 +51,7 @@ BAD: list[tuple[bytes, str]] = [
     (b"[1]", "must be a JSON object"),
     (b"[" * 3000 + b"]" * 3000, "bytes, more than"),
     (b"[" * 2000 + b"]" * 2000, "not valid UTF-8 JSON"),
-    (b'{"v":1,"ts":"2025-12-16T15:00:00Z","seq":1}', "missing required key(s): power_w"),
+    (b'{"v":1,"ts":"2025-12-16T15:00:00Z","seq":1}', "power_w: is required"),
     (b'{"v":1,"ts":"2025-12-16T15:00:00Z","seq":1,"power_w":1,"source":"x"}', "unknown key"),
     (b'{"v":2,"ts":"2025-12-16T15:00:00Z","seq":1,"power_w":1}', "unsupported schema version"),
     (b'{"v":true,"ts":"2025-12-16T15:00:00Z","seq":1,"power_w":1}', "unsupported schema"),

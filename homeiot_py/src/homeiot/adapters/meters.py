@@ -1,4 +1,5 @@
-"""Meter backends behind one small interface: ``open()``, ``read() -> Reading``, ``close()``.
+"""Meter backends behind one small interface: ``open()``, ``read() -> Reading``,
+``pending() -> list[Reading]``, ``close()``.
 
 ``read`` returns a reading whose ``seq`` is a placeholder: the outbox numbers readings when it
 commits them. Backends: ``simulated`` (a believable household, reproducible from a seed) here, and
@@ -23,6 +24,10 @@ class Meter(Protocol):
 
     def read(self) -> Reading: ...
 
+    def pending(self) -> list[Reading]:
+        """Readings taken besides the live ones (half-hour slots, read back after a gap)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -39,6 +44,10 @@ class SimulatedBackend:
 
     def read(self) -> Reading:
         return self._meter.read(self._clock())
+
+    def pending(self) -> list[Reading]:
+        """No half-hour slots: the simulated household has no history."""
+        return []
 
     def close(self) -> None:
         """Nothing to close."""

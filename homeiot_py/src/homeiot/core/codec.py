@@ -24,7 +24,7 @@ SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 4096
 
 _TS_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,3})?Z")
-_REQUIRED = frozenset({"v", "ts", "seq", "power_w"})
+_REQUIRED = frozenset({"v", "ts", "seq"})  # power_w too, unless a half-hour slot (Reading checks)
 _ALLOWED = _REQUIRED | frozenset(FLOAT_FIELDS) | {"fixed_ts"}
 
 
@@ -89,7 +89,7 @@ def decode(payload: bytes, source: str) -> Reading:
             source=source,
             ts=_parse_ts("ts", obj["ts"]),
             seq=seq,
-            power_w=numbers["power_w"],  # type: ignore[arg-type]  # required: checked above
+            power_w=numbers["power_w"],
             current_r_a=numbers["current_r_a"],
             current_t_a=numbers["current_t_a"],
             energy_normal_kwh=numbers["energy_normal_kwh"],

@@ -109,3 +109,8 @@ class MeterUnavailableError(TransientError):
 class MeterAuthError(RejectedError):
     """The B-route ID or password was refused. Retrying could lock the household's B-route
     account, so the publisher stops; fix BROUTE_ID/BROUTE_PASSWORD and start it again."""
+
+
+class MeterLinkDeadError(HomeIotError):
+    """The B-route link did not come back after every recovery step (re-request, rejoin, dongle
+    reset). The publisher exits non-zero (status 4) so that systemd starts a fresh process."""

@@ -136,9 +136,8 @@ def encode_reading(reading: Reading, measurement: str = DEFAULT_MEASUREMENT) -> 
     ``reading.fields()`` (a property test holds the two equal): a :class:`Reading` has already
     validated that its numbers are finite and its source needs no escaping.
     """
-    parts = [_reading_prefix(measurement, reading.source), " seq=", str(reading.seq),
-             "i,power_w=", repr(reading.power_w)]
-    for name in _OPTIONAL_FLOATS:
+    parts = [_reading_prefix(measurement, reading.source), " seq=", str(reading.seq), "i"]
+    for name in FLOAT_FIELDS:
         value = getattr(reading, name)
         if value is not None:
             parts += (",", name, "=", repr(value))
@@ -147,5 +146,3 @@ def encode_reading(reading: Reading, measurement: str = DEFAULT_MEASUREMENT) -> 
     parts += (" ", str(epoch_ms(reading.ts)))
     return "".join(parts)
 
-
-_OPTIONAL_FLOATS = FLOAT_FIELDS[1:]

@@ -89,12 +89,16 @@ class Reading:
     the meter did not provide them — never a sentinel number. ``fixed_ts`` and
     ``fixed_energy_normal_kwh`` (the meter's 30-minute fixed-time cumulative energy, EPC 0xEA) come
     together or not at all.
+
+    ``power_w`` is required, except in a *half-hour slot reading*: the cumulative energy at one
+    half-hour boundary (``ts == fixed_ts``), live from 0xEA or read back from the meter's history
+    (0xE2). Its timestamp is the half hour itself, so publishing a slot again overwrites it.
     """
 
     source: str
     ts: datetime
     seq: int
-    power_w: float
+    power_w: float | None
     current_r_a: float | None = None
     current_t_a: float | None = None
     energy_normal_kwh: float | None = None
@@ -112,8 +116,9 @@ class Reading:
             raise InvalidReadingError("seq", f"must be an integer, got {type(self.seq).__name__}")
         if not 0 <= self.seq <= MAX_SEQ:
             raise InvalidReadingError("seq", f"{self.seq} is outside 0..2**63-1")
-        if self.power_w is None:
-            raise InvalidReadingError("power_w", "is required")
+        if self.power_w is None and (self.fixed_ts is None or self.fixed_ts != self.ts):
+            raise InvalidReadingError("power_w", "is required (only a half-hour slot reading, "
+                                                 "whose ts equals its fixed_ts, goes without)")
         for name, low, high in _BOUNDS:
             value = getattr(self, name)
             checked = _check_number(name, value, low, high)
@@ -134,8 +139,8 @@ class Reading:
         ``fixed_ts`` becomes ``fixed_ts_ms`` (an integer), so every field keeps one type forever —
         InfluxDB rejects a field whose type changes.
         """
-        out: dict[str, float | int] = {"seq": self.seq, "power_w": self.power_w}
-        for name in FLOAT_FIELDS[1:]:
+        out: dict[str, float | int] = {"seq": self.seq}
+        for name in FLOAT_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -153,7 +158,7 @@ _BOUNDS = (
     ("fixed_energy_normal_kwh", 0.0, MAX_ENERGY_KWH),
 )
 
-#: Float fields, in wire order (``power_w`` first, required).
+#: Float fields, in wire order (``power_w`` first; required except in a half-hour slot reading).
 FLOAT_FIELDS: tuple[str, ...] = (
     "power_w",
     "current_r_a",

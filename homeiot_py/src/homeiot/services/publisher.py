@@ -29,7 +29,7 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.meters import Meter
 from homeiot.adapters.outbox import Outbox
 from homeiot.config import PublisherSettings
-from homeiot.core.errors import HomeIotError, RejectedError
+from homeiot.core.errors import HomeIotError, MeterLinkDeadError, RejectedError
 from homeiot.core.reading import Reading, epoch_ms
 from homeiot.core.topics import topic_for
 
@@ -84,6 +84,7 @@ class Publisher:
         self.published = 0
         self.delivered = 0
         self.fatal_error: str | None = None
+        self.exit_code = 0  # 3: the meter refused our credentials; 4: the meter link is dead
 
     # --- paho callbacks (network thread): hand over, never touch the outbox -------------------
 
@@ -138,9 +139,10 @@ class Publisher:
             logger.info("publisher stopped: published=%d delivered=%d waiting=%d",
                         self.published, self.delivered, len(self.outbox))
 
-    def _fatal(self, exc: RejectedError) -> None:
+    def _fatal(self, exc: RejectedError | MeterLinkDeadError) -> None:
         logger.error("meter: %s; stopping", exc)
         self.fatal_error = str(exc)
+        self.exit_code = 3 if isinstance(exc, RejectedError) else 4
         self.stop()
 
     def stop(self) -> None:
@@ -152,17 +154,27 @@ class Publisher:
     def _meter_loop(self) -> None:
         interval = self.settings.interval_s
         next_at = time.monotonic()
+        last_error = ""
         while not self._stop.is_set():
             try:
                 self._readings.put(self.meter.read())
                 self._wake.set()
-            except RejectedError as exc:
+                last_error = ""
+            except (RejectedError, MeterLinkDeadError) as exc:
                 self._fatal(exc)
                 return
             except HomeIotError as exc:
-                logger.warning("meter read failed: %s", exc)
+                if str(exc) != last_error:  # once per change, not every interval
+                    logger.warning("meter read failed: %s", exc)
+                    last_error = str(exc)
             except Exception:  # a bug or a driver surprise must not end the readings silently
                 logger.exception("meter read failed unexpectedly; trying again next interval")
+            try:  # half-hour slots (a live one, or read back after a gap): committed like readings
+                for slot in self.meter.pending():
+                    self._readings.put(slot)
+                    self._wake.set()
+            except Exception:  # never lose the pump to the meter
+                logger.exception("meter: taking its half-hour slots failed")
             next_at += interval
             delay = next_at - time.monotonic()
             if delay < 0:  # fell behind (a slow meter): do not burst to catch up
