@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,13 @@ def publisher_env(broker: Mosquitto, outbox: Path, rate: float) -> dict[str, str
 class Subscriber:
     """The gateway identity on a persistent session, recording every seq of meter1."""
 
-    def __init__(self, broker: Mosquitto) -> None:
+    def __init__(self, broker: Mosquitto, source: str = "meter1") -> None:
         self.seqs: list[int] = []
         self._lock = threading.Lock()
         settings = replace(mqtt_settings(broker, "gateway"), session_expiry_s=3600)
-        self.client = mqtt_adapter.create_client(settings, client_id="drill-subscriber")
+        self.client = mqtt_adapter.create_client(settings, client_id=f"drill-subscriber-{source}")
         self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *a: c.subscribe(f"{BASE_TOPIC}/meter1", qos=1)
+        self.client.on_connect = lambda c, *a: c.subscribe(f"{BASE_TOPIC}/{source}", qos=1)
         mqtt_adapter.connect(self.client, settings, clean_start=False)
         mqtt_adapter.start(self.client)
 
@@ -74,12 +75,20 @@ class Subscriber:
             return list(self.seqs)
 
 
-def outbox_state(outbox: Path) -> tuple[int, int]:
-    """(rows waiting, next seq of meter1), read from another process (WAL allows it)."""
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def outbox_state(outbox: Path, source: str = "meter1") -> tuple[int, int]:
+    """(rows waiting, next seq of ``source``), read from another process (WAL allows it)."""
     con = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
     try:
         (waiting,) = con.execute("SELECT count(*) FROM outbox").fetchone()
-        row = con.execute("SELECT next_seq FROM sequences WHERE source = 'meter1'").fetchone()
+        row = con.execute("SELECT next_seq FROM sequences WHERE source = ?", (source,)).fetchone()
     finally:
         con.close()
     return int(waiting), int(row[0]) if row else 0

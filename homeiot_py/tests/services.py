@@ -206,12 +206,8 @@ class Mosquitto:
             password_file_line(user, hash_password(pw)) + "\n" for user, pw in self.users.items()
         ))
         passwords.chmod(0o600)
-        acl = self.directory / "aclfile"
-        acl.write_text(
-            f"user gateway\ntopic read {BASE_TOPIC}/#\n\n"
-            f"user meter1\ntopic write {BASE_TOPIC}/meter1\n\n"
-            f"user meter2\ntopic write {BASE_TOPIC}/meter2\n"
-        )
+        acl = self.acl
+        self.write_acl()
         conf = self.directory / "mosquitto.conf"
         conf.write_text(
             # Started as root, Mosquitto would drop to user "mosquitto", which cannot read
@@ -238,6 +234,24 @@ class Mosquitto:
                           "tls_version tlsv1.2\n")
         self.process = ManagedProcess([binary, "-c", str(conf)], self.directory / "mosquitto.log",
                                       self.port)
+
+    @property
+    def acl(self) -> Path:
+        return self.directory / "aclfile"
+
+    def write_acl(self, writes: dict[str, tuple[str, ...]] | None = None) -> None:
+        """The ACL: the gateway reads everything under the base topic, each publisher writes only
+        its own source's topic; ``writes`` replaces a user's writable sources."""
+        sources = {"meter1": ("meter1",), "meter2": ("meter2",), **(writes or {})}
+        text = f"user gateway\ntopic read {BASE_TOPIC}/#\n"
+        for user, mine in sources.items():
+            text += f"\nuser {user}\n" + "".join(f"topic write {BASE_TOPIC}/{s}\n" for s in mine)
+        self.acl.write_text(text)
+
+    def reload(self) -> None:
+        """SIGHUP to our broker's PID: it rereads the password file and the ACL."""
+        assert self.process.proc is not None
+        self.process.proc.send_signal(signal.SIGHUP)
 
 
 def mosquitto_client_env(directory: Path, tool: str, user: str, password: str) -> dict[str, str]:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.outbox import Outbox
 from homeiot.config import load_publisher, read_env_file
 from homeiot.core import codec
 from homeiot.core.errors import ConfigError
 from homeiot.core.reading import Reading, epoch_ms
 from tests.conftest import USERS
-from tests.drill import publisher_env, run_drill
+from tests.drill import Subscriber, outbox_state, publisher_env, run_drill, wait_for
 from tests.services import Pki, start_mosquitto
 
 pytestmark = pytest.mark.integration
@@ -152,3 +153,47 @@ def test_a_refused_b_route_password_stops_the_publisher_with_exit_3(
     assert "check BROUTE_ID and BROUTE_PASSWORD" in result.stdout
     assert "WRONGPASSWRD" not in result.stdout + result.stderr
     assert dongle.join_attempts == 1
+
+
+def test_readings_the_acl_refuses_stay_in_the_outbox_until_it_is_fixed(
+        tmp_path_factory: pytest.TempPathFactory, pki: Pki, tmp_path: Path) -> None:
+    """meter1 publishes as source meter9, which its ACL does not allow: Mosquitto answers each
+    QoS 1 publish with a PUBACK "not authorized" (0x87). Nothing may be deleted; once the ACL is
+    fixed and the broker reloaded, every reading arrives (counted by seq)."""
+    broker = start_mosquitto(tmp_path_factory.mktemp("broker"), pki, USERS)
+    subscriber = Subscriber(broker, source="meter9")
+    outbox = tmp_path / "outbox.sqlite"
+    env = {**publisher_env(broker, outbox, 10), "SOURCE_DEFAULT": "meter9"}
+    log = tmp_path / "publisher.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for(outbox.exists, 30, "the outbox")
+        wait_for(lambda: outbox_state(outbox, "meter9")[1] >= 20, 30, "20 readings")
+        time.sleep(1.0)
+        waiting, produced = outbox_state(outbox, "meter9")
+        assert waiting == produced, f"{produced - waiting} refused reading(s) were deleted"
+        assert subscriber.snapshot() == []
+        text = log.read_text()
+        refusals = [line for line in text.splitlines() if "broker refused readings" in line]
+        assert len(refusals) == 1, text  # once per change, not once per reading
+        assert "ERROR" in refusals[0]
+        assert "home/power/meter9" in refusals[0]
+        assert "Not authorized" in refusals[0]
+
+        broker.write_acl({"meter1": ("meter1", "meter9")})
+        broker.reload()
+        wait_for(lambda: outbox_state(outbox, "meter9")[0] == 0, 60, "the outbox drained")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        produced = outbox_state(outbox, "meter9")[1]
+        wait_for(lambda: set(range(produced)) <= set(subscriber.snapshot()), 10, "every seq")
+        assert "accepts readings on topic home/power/meter9 again" in log.read_text()
+        assert USERS["meter1"] not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        mqtt_adapter.close(subscriber.client)
+        broker.process.stop()

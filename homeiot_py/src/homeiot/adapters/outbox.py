@@ -140,6 +140,12 @@ class Outbox:
             "LIMIT ?", (after_id, until_id, limit)).fetchall()
         return [OutboxRow(r[0], r[1], r[2], bytes(r[3])) for r in rows]
 
+    def get(self, row_id: int) -> OutboxRow | None:
+        """One row by id, or None when it is gone."""
+        r = self._db.execute("SELECT id, source, seq, payload FROM outbox WHERE id = ?",
+                             (row_id,)).fetchone()
+        return OutboxRow(r[0], r[1], r[2], bytes(r[3])) if r else None
+
     def max_id(self) -> int:
         (value,) = self._db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()
         return int(value)

@@ -4,7 +4,11 @@ Two threads. The meter thread reads the meter every ``interval_s`` and hands rea
 pump thread owns the outbox: it commits what the meter handed over (one transaction for whatever
 is waiting), publishes new readings at once, drains the backlog (what was in the outbox when the
 connection came up) oldest first at ``backlog_rate``, keeps at most ``window`` messages in flight,
-and deletes rows as their PUBACKs arrive (paho's ``on_publish``, by message id).
+and deletes rows as their PUBACKs arrive (paho's ``on_publish``, by message id) — only when the
+PUBACK's reason code says the broker took the message: a refusal (0x87 "not authorized" when the
+ACL does not let us write the topic, 0x10 "no matching subscribers" when the gateway's session is
+gone) keeps the row, is logged at ERROR once per change of reason, and the row is resent with
+backoff.
 
 paho resends its own in-flight messages after a reconnect; rows it holds are skipped when the
 backlog is drained. After a restart everything in the outbox is sent again — a reading delivered
@@ -37,6 +41,18 @@ logger = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 600.0
 _STATS_EVERY_S = 60.0
+_RETRY_MIN_S = 1.0
+_RETRY_MAX_S = 60.0
+
+
+def delivered(reason: ReasonCode) -> bool:
+    """Whether a PUBACK's reason code means the broker took the message for its subscribers.
+
+    A failure code (0x80 and up, e.g. 0x87 "not authorized" when the ACL refuses the topic) means
+    the message was dropped; 0x10 "no matching subscribers" means nobody will get it (the
+    gateway's session is gone). Either way the reading stays in the outbox.
+    """
+    return not reason.is_failure and reason.value != 0x10
 
 
 def sd_notify(message: str) -> None:
@@ -66,7 +82,13 @@ class Publisher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._readings: queue.Queue[Reading] = queue.Queue()
-        self._acked: queue.Queue[int] = queue.Queue()
+        self._acked: queue.Queue[tuple[int, ReasonCode]] = queue.Queue()
+        # Rows the broker refused (a PUBACK with a failure reason code, or "no matching
+        # subscribers"): row id → payload, resent when ``_retry_at`` comes, with backoff.
+        self._refused: dict[int, bytes] = {}
+        self._retry_at = 0.0
+        self._retry_delay = _RETRY_MIN_S
+        self._refusal: str | None = None  # the reason last logged, to log once per change
         self._connects = 0
         self._inflight: dict[int, int] = {}  # mid → outbox id; pump thread only
         self._backlog_cursor = 0
@@ -106,7 +128,7 @@ class Publisher:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Any) -> None:
-        self._acked.put(mid)
+        self._acked.put((mid, reason))
         self._wake.set()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -209,16 +231,41 @@ class Publisher:
 
     def _settle_acks(self) -> None:
         ids = []
+        refusal: str | None = None
         while True:
             try:
-                mid = self._acked.get_nowait()
+                mid, reason = self._acked.get_nowait()
             except queue.Empty:
                 break
             row_id = self._inflight.pop(mid, None)
-            if row_id is not None:
+            if row_id is None:
+                continue
+            if delivered(reason):
                 ids.append(row_id)
+                self._refused.pop(row_id, None)
+            else:
+                refusal = f"{reason} (0x{reason.value:02x})"
+                row = self.outbox.get(row_id)
+                if row is not None:
+                    self._refused[row_id] = row.payload
         if ids:
             self.delivered += self.outbox.delete(ids)
+        if refusal is not None:
+            if refusal != self._refusal:
+                logger.error("the broker refused readings on topic %s: %s; they stay in the outbox "
+                             "(%d) and are resent with backoff", self.topic, refusal,
+                             len(self.outbox))
+                self._refusal = refusal
+            now = time.monotonic()
+            if self._retry_at <= now:  # live readings refused meanwhile do not push it back
+                self._retry_at = now + self._retry_delay
+                self._retry_delay = min(_RETRY_MAX_S, self._retry_delay * 2)
+        elif ids and self._refusal is not None:
+            logger.info("the broker accepts readings on topic %s again (%d waiting)", self.topic,
+                        len(self.outbox))
+            self._refusal = None
+            self._retry_delay = _RETRY_MIN_S
+            self._retry_at = 0.0
 
     def _settle(self, timeout_s: float) -> None:
         """On the way out: wait briefly for PUBACKs of what is in flight (the rest is resent)."""
@@ -244,6 +291,12 @@ class Publisher:
             self._live_after = row.id
             room -= 1
         holding = set(self._inflight.values())
+        if self._refused and time.monotonic() >= self._retry_at:
+            for row_id in sorted(self._refused)[:room]:
+                if row_id not in holding:
+                    self._send(row_id, self._refused.pop(row_id))
+                    room -= 1
+            holding = set(self._inflight.values())
         while room > 0 and self._backlog_cursor < self._backlog_end and self._tokens >= 1:
             rows = self.outbox.after(self._backlog_cursor, self._backlog_end,
                                      min(room, int(self._tokens)))
