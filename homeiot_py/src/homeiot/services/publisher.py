@@ -33,7 +33,9 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.meters import Meter
 from homeiot.adapters.outbox import Outbox
 from homeiot.config import PublisherSettings
+from homeiot.core import publishing
 from homeiot.core.errors import HomeIotError, RejectedError
+from homeiot.core.publishing import PublisherFlow
 from homeiot.core.reading import Reading, epoch_ms
 from homeiot.core.topics import topic_for
 
@@ -41,18 +43,6 @@ logger = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 600.0
 _STATS_EVERY_S = 60.0
-_RETRY_MIN_S = 1.0
-_RETRY_MAX_S = 60.0
-
-
-def delivered(reason: ReasonCode) -> bool:
-    """Whether a PUBACK's reason code means the broker took the message for its subscribers.
-
-    A failure code (0x80 and up, e.g. 0x87 "not authorized" when the ACL refuses the topic) means
-    the message was dropped; 0x10 "no matching subscribers" means nobody will get it (the
-    gateway's session is gone). Either way the reading stays in the outbox.
-    """
-    return not reason.is_failure and reason.value != 0x10
 
 
 def sd_notify(message: str) -> None:
@@ -83,14 +73,8 @@ class Publisher:
         self._wake = threading.Event()
         self._readings: queue.Queue[Reading] = queue.Queue()
         self._acked: queue.Queue[tuple[int, ReasonCode]] = queue.Queue()
-        # Rows the broker refused (a PUBACK with a failure reason code, or "no matching
-        # subscribers"): row id → payload, resent when ``_retry_at`` comes, with backoff.
-        self._refused: dict[int, bytes] = {}
-        self._retry_at = 0.0
-        self._retry_delay = _RETRY_MIN_S
-        self._refusal: str | None = None  # the reason last logged, to log once per change
         self._connects = 0
-        self._inflight: dict[int, int] = {}  # mid → outbox id; pump thread only
+        self.flow = PublisherFlow(self.topic, settings.window)  # pump thread only
         self._backlog_cursor = 0
         self._backlog_end = 0
         self._live_after = 0
@@ -213,7 +197,7 @@ class Publisher:
                 last_prune = now
             if now - last_stats > _STATS_EVERY_S:
                 logger.info("publisher: published=%d delivered=%d in_flight=%d waiting=%d",
-                            self.published, self.delivered, len(self._inflight), len(self.outbox))
+                            self.published, self.delivered, self.flow.in_flight, len(self.outbox))
                 last_stats = now
             if self._watchdog_s and now - last_watchdog >= self._watchdog_s:
                 sd_notify("WATCHDOG=1")  # from the pump: a stuck pump lets systemd restart us
@@ -230,47 +214,40 @@ class Publisher:
             self.outbox.add(batch)
 
     def _settle_acks(self) -> None:
-        ids = []
-        refusal: str | None = None
+        actions: list[publishing.Action] = []
         while True:
             try:
                 mid, reason = self._acked.get_nowait()
             except queue.Empty:
                 break
-            row_id = self._inflight.pop(mid, None)
-            if row_id is None:
-                continue
-            if delivered(reason):
-                ids.append(row_id)
-                self._refused.pop(row_id, None)
-            else:
-                refusal = f"{reason} (0x{reason.value:02x})"
-                row = self.outbox.get(row_id)
-                if row is not None:
-                    self._refused[row_id] = row.payload
-        if ids:
-            self.delivered += self.outbox.delete(ids)
-        if refusal is not None:
-            if refusal != self._refusal:
-                logger.error("the broker refused readings on topic %s: %s; they stay in the outbox "
-                             "(%d) and are resent with backoff", self.topic, refusal,
-                             len(self.outbox))
-                self._refusal = refusal
-            now = time.monotonic()
-            if self._retry_at <= now:  # live readings refused meanwhile do not push it back
-                self._retry_at = now + self._retry_delay
-                self._retry_delay = min(_RETRY_MAX_S, self._retry_delay * 2)
-        elif ids and self._refusal is not None:
-            logger.info("the broker accepts readings on topic %s again (%d waiting)", self.topic,
-                        len(self.outbox))
-            self._refusal = None
-            self._retry_delay = _RETRY_MIN_S
-            self._retry_at = 0.0
+            actions += self.flow.handle(publishing.PubAck(mid, reason.value, str(reason),
+                                                          time.monotonic()))
+        self._execute(actions)
+
+    def _execute(self, actions: list[publishing.Action]) -> None:
+        deleted: list[int] = []
+        for action in actions:
+            match action:
+                case publishing.Delete(row_ids):
+                    deleted += row_ids
+                case publishing.Resend(row_ids):
+                    for row_id in row_ids:
+                        row = self.outbox.get(row_id)
+                        if row is None:
+                            self.flow.handle(publishing.Gone(row_id))
+                        elif self.connected.is_set():
+                            self._send(row.id, row.payload)
+                case publishing.Alarm(message):
+                    logger.error("%s (%d waiting)", message, len(self.outbox))
+                case publishing.Recovered(message):
+                    logger.info("%s (%d waiting)", message, len(self.outbox))
+        if deleted:
+            self.delivered += self.outbox.delete(deleted)
 
     def _settle(self, timeout_s: float) -> None:
         """On the way out: wait briefly for PUBACKs of what is in flight (the rest is resent)."""
         deadline = time.monotonic() + timeout_s
-        while self._inflight and self.connected.is_set() and time.monotonic() < deadline:
+        while self.flow.in_flight and self.connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
             self._settle_acks()
 
@@ -282,7 +259,8 @@ class Publisher:
             self._backlog_end = self._live_after = self.outbox.max_id()
             logger.info("backlog: %d reading(s) to send at %.0f/s", len(self.outbox),
                         self.settings.backlog_rate)
-        room = self.settings.window - len(self._inflight)
+        self._execute(self.flow.handle(publishing.Tick(time.monotonic())))
+        room = self.flow.room
         if room <= 0:
             return
         # New readings first: they go out as they come.
@@ -290,13 +268,8 @@ class Publisher:
             self._send(row.id, row.payload)
             self._live_after = row.id
             room -= 1
-        holding = set(self._inflight.values())
-        if self._refused and time.monotonic() >= self._retry_at:
-            for row_id in sorted(self._refused)[:room]:
-                if row_id not in holding:
-                    self._send(row_id, self._refused.pop(row_id))
-                    room -= 1
-            holding = set(self._inflight.values())
+        room = self.flow.room
+        holding = self.flow.holding
         while room > 0 and self._backlog_cursor < self._backlog_end and self._tokens >= 1:
             rows = self.outbox.after(self._backlog_cursor, self._backlog_end,
                                      min(room, int(self._tokens)))
@@ -315,5 +288,5 @@ class Publisher:
         info = self._client.publish(self.topic, payload, qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise HomeIotError(f"publish failed: {mqtt.error_string(info.rc)}")
-        self._inflight[info.mid] = row_id
+        self.flow.handle(publishing.Published(row_id, info.mid))
         self.published += 1
