@@ -301,7 +301,7 @@ def test_drill_influxdb_down_for_30_seconds_under_load(
         publisher.wait_all()
         assert not gw.gateway.influx_ok
         # Flow control: no more than Receive Maximum messages are held while InfluxDB is down.
-        assert gw.gateway._pending <= gw.gateway.receive_maximum
+        assert gw.gateway.pending <= gw.gateway.receive_maximum
         server.process.start()
         server.wait_ready()
         wait_until(lambda: count_points(influx) == 3300, 90, "all 3300 readings")

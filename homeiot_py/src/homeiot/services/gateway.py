@@ -1,8 +1,10 @@
 """The gateway: MQTT → InfluxDB with at-least-once delivery.
 
-Messages arrive on paho's network thread, are decoded at once (``core``) and collected into a
-batch. A writer thread writes each batch to InfluxDB and only then acknowledges its messages, in
-arrival order (MQTT v5, ``manual_ack``). The session is persistent (fixed client id,
+Messages arrive on paho's network thread, are decoded at once (``core``) and fed to the delivery
+state machine (:mod:`homeiot.core.batching`), which batches them and decides what to write, what
+to set aside and what to acknowledge. A writer thread carries out its actions: it writes each batch
+to InfluxDB and only then acknowledges its messages, in arrival order (MQTT v5, ``manual_ack``),
+and never on a connection other than the one that delivered them. The session is persistent (fixed client id,
 ``clean_start=False``, a session expiry), so what is published while the gateway is down waits in
 the broker. ``Receive Maximum`` caps the unacknowledged messages the broker sends us, which bounds
 memory while InfluxDB is down: the backlog stays in the broker.
@@ -20,7 +22,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +35,8 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.deadletters import DeadLetter, DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings
-from homeiot.core import codec
+from homeiot.core import batching, codec
+from homeiot.core.batching import GatewayFlow
 from homeiot.core.errors import HomeIotError, InfluxPartialWriteError, InvalidDataError
 from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.reading import check_not_future
@@ -46,22 +48,6 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_FLUSH_S = 8.0
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 10.0
-
-
-@dataclass(slots=True)
-class _Item:
-    """One received message on its way to InfluxDB (or to the dead letters)."""
-
-    mid: int
-    qos: int
-    generation: int
-    topic: str
-    payload: bytes
-    received_at: datetime
-    line: str | None = None
-    error: str | None = None
-    source: str | None = None
-    ts: datetime | None = None
 
 
 class _LastReadingAge(Collector):
@@ -124,12 +110,9 @@ class Gateway:
         # while the other is written.
         self.receive_maximum = min(65535, 2 * settings.batch_size)
 
-        self._lock = threading.Lock()
-        self._batch: list[_Item] = []
-        self._batch_started = 0.0
-        self._ready: queue.Queue[list[_Item]] = queue.Queue()
-        self._pending = 0
-        self._generation = 0
+        self._lock = threading.Lock()  # guards the flow: paho's thread and the writer feed it
+        self.flow = GatewayFlow(settings.batch_size, settings.batch_age_s)
+        self._ready: queue.Queue[batching.Action] = queue.Queue()
         self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="gateway-writer", daemon=True)
         self._client = mqtt_adapter.create_client(settings.mqtt, client_id=settings.client_id,
@@ -164,7 +147,13 @@ class Gateway:
             logger.warning("gateway stop: flush unfinished after %.1f s; the broker redelivers "
                            "the rest", timeout_s)
         mqtt_adapter.close(self._client)
-        logger.info("gateway stopped: pending=%d", self._pending)
+        logger.info("gateway stopped: pending=%d", self.pending)
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet settled (acknowledged or left to the broker)."""
+        with self._lock:
+            return self.flow.pending
 
     # --- paho callbacks (network thread) --------------------------------------------------------
 
@@ -177,7 +166,7 @@ class Gateway:
                             "MQTT_PASSWORD or MQTT_BROKER_URL")
             return
         with self._lock:
-            self._generation += 1  # acks for messages of earlier connections are void now
+            self.flow.handle(batching.Connected())  # acks of earlier connections are void now
         self.mqtt_connected = True
         if not flags.session_present:
             logger.warning("broker had no session for %s: messages published while we were away "
@@ -191,6 +180,8 @@ class Gateway:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
+        with self._lock:  # from now on nothing of that connection is acknowledged
+            self.flow.handle(batching.Disconnected())
         self.mqtt_connected = False
         if not self._stopping.is_set():
             logger.warning("disconnected from the broker: %s; reconnecting", reason)
@@ -199,34 +190,25 @@ class Gateway:
         # paho issue #472: callbacks registered per "$share/..." filter never fire, so every
         # message comes through this one on_message.
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
-        item = _Item(msg.mid, msg.qos, self._generation, msg.topic, payload, self._clock())
-        try:
-            source = source_from_topic(self.settings.mqtt.topic, msg.topic)
-            reading = check_not_future(codec.decode(payload, source), item.received_at,
-                                       self._max_ahead)
-            item.line = encode_reading(reading, self._measurement)
-            item.source, item.ts = source, reading.ts
-        except InvalidDataError as exc:
-            item.error = str(exc)
+        message = self._ingest(msg.mid, msg.qos, msg.topic, payload, self._clock())
         self.metrics.received.inc()
         with self._lock:
-            if not self._batch:
-                self._batch_started = time.monotonic()
-            self._batch.append(item)
-            self._pending += 1
-            if len(self._batch) >= self.settings.batch_size:
-                self._ready.put(self._batch)
-                self._batch = []
+            actions = self.flow.handle(batching.Received(message, time.monotonic()))
+        for action in actions:
+            self._ready.put(action)  # a full batch: Write or DeadLetter
+
+    def _ingest(self, mid: int, qos: int, topic: str, payload: bytes,
+                received_at: datetime) -> batching.Message:
+        try:
+            source = source_from_topic(self.settings.mqtt.topic, topic)
+            reading = check_not_future(codec.decode(payload, source), received_at, self._max_ahead)
+            line = encode_reading(reading, self._measurement)
+        except InvalidDataError as exc:
+            return batching.Message(mid, qos, topic, payload, received_at, rejection=str(exc))
+        return batching.Message(mid, qos, topic, payload, received_at, line, source,
+                                reading.seq, reading.ts)
 
     # --- writer thread --------------------------------------------------------------------------
-
-    def _take_aged_batch(self, force: bool) -> list[_Item] | None:
-        with self._lock:
-            if self._batch and (force or time.monotonic() - self._batch_started
-                                >= self.settings.batch_age_s):
-                batch, self._batch = self._batch, []
-                return batch
-        return None
 
     def _write_loop(self) -> None:
         age = self.settings.batch_age_s
@@ -236,56 +218,63 @@ class Gateway:
             if stopping and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_FLUSH_S
             try:
-                batch: list[_Item] | None = self._ready.get(timeout=min(age / 4, 0.05)
-                                                            if not stopping else 0)
+                actions: list[batching.Action] = [self._ready.get(timeout=min(age / 4, 0.05)
+                                                                  if not stopping else 0)]
             except queue.Empty:
-                batch = self._take_aged_batch(force=stopping)
-            if batch:
-                if not self._flush(batch, deadline):
+                with self._lock:
+                    actions = self.flow.handle(batching.Tick(time.monotonic(), flush=stopping))
+                if not actions and stopping and self._ready.empty():
                     return
-            elif stopping:
+            if not self._carry_out(actions, deadline):
                 return
-            self.metrics.backlog.set(self._pending)
+            self.metrics.backlog.set(self.pending)
 
-    def _flush(self, batch: list[_Item], deadline: float | None) -> bool:
-        """Store a batch and acknowledge it; False when shutdown came first (nothing acked)."""
-        started = time.monotonic()
-        lines = [item.line for item in batch if item.line is not None]
-        if lines and not self._write(lines, batch, deadline):
-            return False
-        letters = [DeadLetter(i.topic, i.payload, i.error, i.received_at)
-                   for i in batch if i.error is not None]
-        if letters:
-            self.dead_letters.add(letters)
-            self.metrics.dead.inc(len(letters))
-            logger.warning("dead letters: %d (first: topic=%s error=%s)", len(letters),
-                           letters[0].topic, letters[0].error)
-        with self._lock:
-            generation = self._generation
-        for item in batch:  # arrival order
-            if item.generation == generation:
-                self._client.ack(item.mid, item.qos)
-            if item.ts is not None and item.error is None:
-                newest = self.last_reading.get(item.source or "")
-                if newest is None or item.ts > newest:
-                    self.last_reading[item.source or ""] = item.ts
-        with self._lock:
-            self._pending -= len(batch)
-        self.metrics.written.inc(sum(1 for i in batch if i.line is not None and i.error is None))
-        self.metrics.batch_latency.observe(time.monotonic() - started)
+    def _carry_out(self, actions: list[batching.Action], deadline: float | None) -> bool:
+        """Carry out the flow's actions (and those they lead to); False when shutdown's deadline
+        passed first (nothing more is acknowledged: the broker redelivers)."""
+        todo = list(actions)
+        while todo:
+            action = todo.pop(0)
+            match action:
+                case batching.Write(batch_id, lines):
+                    started = time.monotonic()
+                    written = self._write(batch_id, list(lines), deadline)
+                    if written is None:
+                        return False
+                    self.metrics.batch_latency.observe(time.monotonic() - started)
+                    with self._lock:
+                        todo[:0] = self.flow.handle(written)
+                case batching.DeadLetter(batch_id, letters):
+                    self.dead_letters.add([DeadLetter(lt.topic, lt.payload, lt.error,
+                                                      lt.received_at) for lt in letters])
+                    self.metrics.dead.inc(len(letters))
+                    logger.warning("dead letters: %d (first: topic=%s error=%s)", len(letters),
+                                   letters[0].topic, letters[0].error)
+                    with self._lock:
+                        todo[:0] = self.flow.handle(batching.DeadLettered(batch_id))
+                case batching.Ack(mid, qos):
+                    self._client.ack(mid, qos)
+                case batching.Settled(_, stored, _, _):
+                    self.metrics.written.inc(len(stored))
+                    for message in stored:
+                        if message.source is None or message.ts is None:
+                            continue  # stored messages always have both; typing cannot tell
+                        newest = self.last_reading.get(message.source)
+                        if newest is None or message.ts > newest:
+                            self.last_reading[message.source] = message.ts
         return True
 
-    def _write(self, lines: list[str], batch: list[_Item], deadline: float | None) -> bool:
-        """Write until InfluxDB accepts (retrying with capped, jittered backoff); lines it refuses
-        for good become dead letters. False when shutdown's deadline passed first."""
+    def _write(self, batch_id: int, lines: list[str],
+               deadline: float | None) -> batching.Written | None:
+        """Write until InfluxDB accepts (retrying with capped, jittered backoff); what it refuses
+        for good is reported in the answer. None when shutdown's deadline passed first."""
         delay = _BACKOFF_MIN_S
         while True:
             try:
                 self.influx.write(lines, batch_size=len(lines))
             except InfluxPartialWriteError as exc:
-                self._set_aside(batch, exc)
                 self.influx_ok = True
-                return True
+                return batching.Written(batch_id, frozenset(exc.lines), not exc.lines, str(exc))
             except HomeIotError as exc:
                 self.influx_ok = False
                 self.metrics.write_errors.inc()
@@ -293,21 +282,12 @@ class Gateway:
                                "%.1f s: %s", len(lines), delay, exc)
             else:
                 self.influx_ok = True
-                return True
+                return batching.Written(batch_id)
             if deadline is not None and time.monotonic() + delay > deadline:
-                return False
+                return None
             if self._stopping.wait(delay) and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_FLUSH_S
             delay = min(_BACKOFF_MAX_S, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
-
-    @staticmethod
-    def _set_aside(batch: list[_Item], exc: InfluxPartialWriteError) -> None:
-        refused = set(exc.lines)
-        for item in batch:
-            # Without quoted lines (e.g. a field type conflict) we cannot tell which points were
-            # dropped: keep every message of the batch; replaying them later is harmless.
-            if item.line is not None and (not refused or item.line in refused):
-                item.error = f"InfluxDB refused the point: {exc}"
 
     def _fatal(self, message: str) -> None:
         self.fatal_error = message
