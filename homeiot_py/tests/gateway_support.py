@@ -16,10 +16,12 @@ from zoneinfo import ZoneInfo
 import paho.mqtt.client as mqtt
 
 from homeiot.adapters import mqtt as mqtt_adapter
+from homeiot.adapters.deadletters import DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings, InfluxSettings
 from homeiot.core import codec
 from homeiot.core.reading import Reading
+from homeiot.services.gateway import Gateway
 from tests.conftest import mqtt_settings
 from tests.services import BASE_TOPIC, Mosquitto, free_port
 
@@ -59,6 +61,27 @@ def start_gateway_process(settings: GatewaySettings, log: Path) -> subprocess.Po
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "homeiot.gateway"], env=gateway_env(settings),
                                 stdout=out, stderr=subprocess.STDOUT)
+
+
+class RunningGateway:
+    """An in-process gateway with its own InfluxDB client and dead-letter store."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.influx = InfluxClient(settings.influx)
+        self.store = DeadLetterStore(settings.dead_letter_db)
+        self.gateway = Gateway(settings, self.influx, self.store)
+        self.closed = False
+        self.gateway.start()
+        wait_until(lambda: self.gateway.mqtt_connected, 10, "the gateway to connect")
+        time.sleep(0.3)  # let the SUBSCRIBE reach the broker before anyone publishes
+
+    def stop(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.gateway.stop()
+        self.store.close()
+        self.influx.close()
 
 
 def reading(seq: int, source: str = "meter1", *, step_ms: int = 1000) -> Reading:

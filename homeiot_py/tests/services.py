@@ -184,6 +184,8 @@ def make_pki(directory: Path, *, dns_names: tuple[str, ...] = ("localhost",),
 #: The test users: the gateway reads everything under the base topic, each publisher writes
 #: only its own source's topic.
 BASE_TOPIC = "home/power"
+#: The gateway's receipts (end-to-end acks): only it writes, each source reads its own.
+RECEIPT_TOPIC = "homeiot/receipts"
 
 
 @dataclass
@@ -243,9 +245,11 @@ class Mosquitto:
         """The ACL: the gateway reads everything under the base topic, each publisher writes only
         its own source's topic; ``writes`` replaces a user's writable sources."""
         sources = {"meter1": ("meter1",), "meter2": ("meter2",), **(writes or {})}
-        text = f"user gateway\ntopic read {BASE_TOPIC}/#\n"
+        # The same shape as roles/mosquitto/templates/aclfile.j2.
+        text = f"user gateway\ntopic read {BASE_TOPIC}/#\ntopic write {RECEIPT_TOPIC}/#\n"
         for user, mine in sources.items():
-            text += f"\nuser {user}\n" + "".join(f"topic write {BASE_TOPIC}/{s}\n" for s in mine)
+            text += f"\nuser {user}\n" + "".join(f"topic write {BASE_TOPIC}/{s}\n"
+                                                  f"topic read {RECEIPT_TOPIC}/{s}\n" for s in mine)
         self.acl.write_text(text)
 
     def reload(self) -> None:

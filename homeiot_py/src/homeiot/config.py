@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from homeiot.core.errors import ConfigError, EncodingError, TopicError
 from homeiot.core.lineprotocol import DEFAULT_MEASUREMENT, escape_measurement
 from homeiot.core.reading import validate_source
+from homeiot.core.receipts import DEFAULT_RECEIPT_TOPIC, validate_receipt_root
 from homeiot.core.topics import subscription_filter, validate_base_topic
 
 Env = Mapping[str, str]
@@ -48,6 +49,8 @@ class MqttSettings:
     client_id: str | None = None
     keepalive_s: int = 60
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
+    #: Root of the gateway's receipts (end-to-end acks): ``{receipt_topic}/{source}``.
+    receipt_topic: str = DEFAULT_RECEIPT_TOPIC
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,14 @@ def load_topic(env: Env) -> str:
         raise ConfigError("MQTT_TOPIC", str(exc)) from None
 
 
+def load_receipt_topic(env: Env, base: str) -> str:
+    """``MQTT_RECEIPT_TOPIC``, the root of the gateway's receipts (default ``homeiot/receipts``)."""
+    try:
+        return validate_receipt_root(_get(env, "MQTT_RECEIPT_TOPIC") or DEFAULT_RECEIPT_TOPIC, base)
+    except TopicError as exc:
+        raise ConfigError("MQTT_RECEIPT_TOPIC", str(exc)) from None
+
+
 def load_source_default(env: Env) -> str:
     """``SOURCE_DEFAULT``, the source of a meter when none is given (default ``meter1``)."""
     try:
@@ -189,13 +200,15 @@ def load_mqtt(env: Env | None = None) -> MqttSettings:
     client_id = _get(env, "MQTT_CLIENT_ID")
     if client_id is not None and (len(client_id.encode()) > 65535 or not client_id.isprintable()):
         raise ConfigError("MQTT_CLIENT_ID", "must be printable and at most 65535 bytes")
+    topic = load_topic(env)
     return MqttSettings(
         host=host,
         port=port,
         username=username,
         password=password,
         ca_cert=load_ca_cert(env),
-        topic=load_topic(env),
+        topic=topic,
+        receipt_topic=load_receipt_topic(env, topic),
         client_id=client_id,
         keepalive_s=_int(env, "MQTT_KEEPALIVE_S", 60, 5, 65535),
         session_expiry_s=_int(env, "MQTT_SESSION_EXPIRY_S", DEFAULT_SESSION_EXPIRY_S, 0,
@@ -409,6 +422,8 @@ class PublisherSettings:
     outbox_max_age_days: float = 30.0
     backlog_rate: float = 100.0
     window: int = 100
+    receipt_timeout_s: float = 30.0
+    unreceipted_max: int = 10_000
     seed: int = 1
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
     broute_id: str = field(default="", repr=False)
@@ -450,6 +465,8 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
         outbox_max_age_days=_float(env, "PUBLISHER_OUTBOX_MAX_AGE_DAYS", 30.0, 1.0, 3650.0),
         backlog_rate=_float(env, "PUBLISHER_BACKLOG_RATE", 100.0, 1.0, 100_000.0),
         window=_int(env, "PUBLISHER_WINDOW", 100, 1, 10_000),
+        receipt_timeout_s=_float(env, "PUBLISHER_RECEIPT_TIMEOUT_S", 30.0, 0.1, 3600.0),
+        unreceipted_max=_int(env, "PUBLISHER_UNRECEIPTED_MAX", 10_000, 1, 1_000_000),
         seed=_int(env, "SIMULATED_SEED", 1, 0, 2**31),
         timezone=load_timezone(env),
     )

@@ -20,11 +20,11 @@ from homeiot.adapters.deadletters import DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings, InfluxSettings
 from homeiot.core import codec
-from homeiot.services.gateway import Gateway
 from tests.conftest import USERS
 from tests.gateway_support import (
     T0,
     Publisher,
+    RunningGateway,
     count_points,
     gateway_settings,
     reading,
@@ -35,23 +35,6 @@ from tests.gateway_support import (
 from tests.services import Mosquitto, Pki, start_influxd, start_mosquitto
 
 pytestmark = pytest.mark.integration
-
-
-class RunningGateway:
-    """An in-process gateway with its own InfluxDB client and dead-letter store."""
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.influx = InfluxClient(settings.influx)
-        self.store = DeadLetterStore(settings.dead_letter_db)
-        self.gateway = Gateway(settings, self.influx, self.store)
-        self.gateway.start()
-        wait_until(lambda: self.gateway.mqtt_connected, 10, "the gateway to connect")
-        time.sleep(0.3)  # let the SUBSCRIBE reach the broker before anyone publishes
-
-    def stop(self) -> None:
-        self.gateway.stop()
-        self.store.close()
-        self.influx.close()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from homeiot.core.batching import (
     GatewayFlow,
     Letter,
     Message,
+    Receipt,
     Received,
     Settled,
     Tick,
@@ -47,6 +48,7 @@ def test_a_full_batch_is_written_then_acknowledged_in_arrival_order() -> None:
     actions = flow.handle(Written(1))
     assert actions == [DeadLetter(1, (Letter("home/power/meter1", b"nope", "not JSON", T),))]
     assert flow.handle(DeadLettered(1)) == [Ack(5, 1), Ack(6, 1), Ack(7, 1),
+                                            Receipt("meter1", ((5, 5), (7, 7))),
                                             Settled(1, (point(5), point(7)), 1, 0)]
     assert flow.pending == 0
 
@@ -86,7 +88,8 @@ def test_nothing_is_acknowledged_on_a_later_connection() -> None:
     flow.handle(Received(point(1), 0))
     flow.handle(Disconnected())  # the drop alone voids the ack: no CONNACK needed
     flow.handle(Received(point(2), 0))  # (a message paho still delivers after the drop)
-    assert flow.handle(Written(1)) == [Ack(2, 1), Settled(1, (point(1), point(2)), 0, 1)]
+    assert flow.handle(Written(1)) == [Ack(2, 1), Receipt("meter1", ((1, 2),)),
+                                       Settled(1, (point(1), point(2)), 0, 1)]
 
 
 class GatewayMachine(RuleBasedStateMachine):
@@ -128,6 +131,11 @@ class GatewayMachine(RuleBasedStateMachine):
                 else:
                     assert message.payload in self.stored_letters, "acked before its letter"
                 self.acked.add(action.mid)
+            elif isinstance(action, Receipt):
+                for low, high in action.ranges:
+                    for seq in range(low, high + 1):
+                        line = f"m v={seq} {seq}"
+                        assert line in self.written_lines, "a receipt for a point not written"
             elif isinstance(action, Settled):
                 assert action.batch_id not in self.settled
                 self.settled.add(action.batch_id)

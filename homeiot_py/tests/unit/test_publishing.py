@@ -16,11 +16,14 @@ from homeiot.core.publishing import (
     PublisherFlow,
     Recovered,
     Resend,
+    Stored,
     Tick,
     delivered,
 )
 
 TOPIC = "home/power/meter9"
+NOT_AUTHORIZED = ("the broker refused readings on topic home/power/meter9: Not authorized (0x87); "
+                  "they stay in the outbox and are resent with backoff")
 
 
 def test_reason_codes() -> None:
@@ -30,58 +33,89 @@ def test_reason_codes() -> None:
     assert not delivered(0x97)  # quota exceeded
 
 
+def test_only_a_receipt_deletes_and_a_missing_one_makes_it_resend_with_backoff() -> None:
+    flow = PublisherFlow(TOPIC, window=10, receipt_timeout_s=30, receipt_timeout_max_s=100)
+    flow.handle(Published(1, seq=40, mid=11, at=0.0))
+    flow.handle(Published(2, seq=41, mid=12, at=0.0))
+    assert flow.handle(PubAck(11, 0, "Success", at=0.1)) == []  # in flight, not stored
+    assert flow.handle(PubAck(12, 0, "Success", at=0.1)) == []
+    assert flow.holding == {1, 2}
+    assert flow.handle(Stored(((41, 41), (50, 60)))) == [Delete((2,))]
+    assert flow.handle(Tick(30.0)) == []
+    assert flow.handle(Tick(30.1)) == [Resend((1,))]
+    assert flow.handle(Tick(31.0)) == []  # once per timeout, even if it could not go out
+    flow.handle(Published(1, seq=40, mid=13, at=31.0))
+    flow.handle(PubAck(13, 0, "Success", at=31.0))
+    assert flow.handle(Tick(90.0)) == []  # the timeout doubled: 60 s
+    assert flow.handle(Tick(91.0)) == [Resend((1,))]
+    assert flow.handle(Stored(((40, 40),))) == [Delete((1,))]
+    assert flow.holding == frozenset()
+    assert flow.handle(Stored(((40, 40),))) == []  # a duplicate receipt
+
+
+def test_a_receipt_may_overtake_the_puback() -> None:
+    flow = PublisherFlow(TOPIC, window=10)
+    flow.handle(Published(1, seq=7, mid=11, at=0.0))
+    assert flow.handle(Stored(((0, 9),))) == [Delete((1,))]
+    assert flow.handle(PubAck(11, 0, "Success", at=0.1)) == []
+    assert flow.in_flight == 0
+    assert flow.handle(Tick(1000.0)) == []
+
+
 def test_a_refused_reading_is_kept_reported_once_and_resent_with_backoff() -> None:
     flow = PublisherFlow(TOPIC, window=10)
-    flow.handle(Published(1, mid=11))
-    flow.handle(Published(2, mid=12))
-    first = flow.handle(PubAck(11, 0x87, "Not authorized", at=100.0))
-    assert first == [Alarm("the broker refused readings on topic home/power/meter9: Not authorized"
-                           " (0x87); they stay in the outbox and are resent with backoff")]
+    flow.handle(Published(1, seq=1, mid=11, at=100.0))
+    flow.handle(Published(2, seq=2, mid=12, at=100.0))
+    assert flow.handle(PubAck(11, 0x87, "Not authorized", at=100.0)) == [Alarm(NOT_AUTHORIZED)]
     assert flow.handle(PubAck(12, 0x87, "Not authorized", at=100.1)) == []  # once per change
     assert flow.holding == {1, 2}
     assert flow.handle(Tick(100.5)) == []
     assert flow.handle(Tick(101.0)) == [Resend((1, 2))]
     assert flow.handle(Tick(101.5)) == []  # not twice
-    flow.handle(Published(1, mid=13))
-    flow.handle(Published(2, mid=14))
+    flow.handle(Published(1, seq=1, mid=13, at=101.0))
+    flow.handle(Published(2, seq=2, mid=14, at=101.0))
     assert flow.handle(PubAck(13, 0x87, "Not authorized", at=101.2)) == []
     assert flow.handle(PubAck(14, 0x10, "No matching subscribers", at=101.2)) == [
         Alarm("the broker refused readings on topic home/power/meter9: No matching subscribers "
               "(0x10); they stay in the outbox and are resent with backoff")]
     assert flow.handle(Tick(102.9)) == []  # the delay doubled: 2 s after the resend
     assert flow.handle(Tick(103.0)) == [Resend((1, 2))]
-    flow.handle(Published(1, mid=15))
+    flow.handle(Published(1, seq=1, mid=15, at=103.0))
     flow.handle(Gone(2))
     assert flow.handle(PubAck(15, 0, "Success", at=103.1)) == [
-        Delete((1,)), Recovered("the broker accepts readings on topic home/power/meter9 again")]
-    assert flow.holding == frozenset()
+        Recovered("the broker accepts readings on topic home/power/meter9 again")]
+    assert flow.holding == {1}  # accepted by the broker is not stored yet
+    assert flow.handle(Stored(((1, 1),))) == [Delete((1,))]
 
 
-def test_the_window_bounds_resends_and_unknown_acks_are_ignored() -> None:
-    flow = PublisherFlow(TOPIC, window=2)
+def test_the_windows_bound_what_is_sent() -> None:
+    flow = PublisherFlow(TOPIC, window=2, unreceipted_max=3)
     for row in range(3):
-        flow.handle(Published(row, mid=row + 100))
+        flow.handle(Published(row, seq=row, mid=row + 100, at=0.0))
         flow.handle(PubAck(row + 100, 0x87, "Not authorized", at=0.0))
+    assert flow.room == 0  # three unreceipted
     assert flow.handle(PubAck(999, 0, "Success", at=0.0)) == []
-    flow.handle(Published(7, mid=7))
-    assert flow.room == 1
-    assert flow.handle(Tick(5.0)) == [Resend((0,))]
+    assert flow.handle(Tick(5.0)) == [Resend((0, 1))]  # two: the PUBACK window
 
 
 class PublisherMachine(RuleBasedStateMachine):
-    """Random interleavings of publishes, PUBACKs (good and refused), ticks and lost rows.
+    """Random interleavings of publishes, PUBACKs (good and refused), receipts, ticks and rows
+    pruned.
 
-    Invariant: a row is deleted only after a successful PUBACK for a message it was published as;
-    every published row is at all times either deleted, gone, or held (in flight / waiting)."""
+    Invariants: a row is deleted only after InfluxDB stored its seq (a receipt named it); every
+    published row is at all times deleted, gone, or held (in flight, awaiting a receipt or a
+    retry); the windows hold."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.flow = PublisherFlow(TOPIC, window=5)
+        self.flow = PublisherFlow(TOPIC, window=5, unreceipted_max=8, receipt_timeout_s=10,
+                                  receipt_timeout_max_s=40)
         self.now = 0.0
         self.next_row = 0
         self.next_mid = 1
         self.sent: dict[int, int] = {}  # mid → row, as paho would know it, not yet answered
-        self.ok_acked: set[int] = set()  # rows with a successful PUBACK
+        self.at_broker: set[int] = set()  # rows (= seqs here) the broker passed on
+        self.in_influx: set[int] = set()  # seqs the gateway stored
         self.deleted: set[int] = set()
         self.gone: set[int] = set()
         self.published: set[int] = set()
@@ -91,11 +125,11 @@ class PublisherMachine(RuleBasedStateMachine):
         for action in actions:
             if isinstance(action, Delete):
                 for row in action.row_ids:
-                    assert row in self.ok_acked, f"row {row} deleted without a good PUBACK"
+                    assert row in self.in_influx, f"row {row} deleted before InfluxDB stored it"
                     assert row not in self.deleted
                     self.deleted.add(row)
             elif isinstance(action, Resend):
-                assert len(action.row_ids) <= self.flow.room
+                assert len(action.row_ids) <= self.flow.window - self.flow.in_flight
                 self.to_resend |= set(action.row_ids)
 
     def _publish(self, row: int) -> None:
@@ -103,7 +137,7 @@ class PublisherMachine(RuleBasedStateMachine):
         self.next_mid += 1
         self.sent[mid] = row
         self.published.add(row)
-        self._run(self.flow.handle(Published(row, mid)))
+        self._run(self.flow.handle(Published(row, row, mid, self.now)))
 
     @precondition(lambda self: self.flow.room > 0)
     @rule()
@@ -111,12 +145,12 @@ class PublisherMachine(RuleBasedStateMachine):
         self._publish(self.next_row)
         self.next_row += 1
 
-    @precondition(lambda self: self.to_resend and self.flow.room > 0)
+    @precondition(lambda self: self.to_resend and self.flow.window > self.flow.in_flight)
     @rule(data=st.data())
     def resend(self, data: st.DataObject) -> None:
         row = data.draw(st.sampled_from(sorted(self.to_resend)))
         self.to_resend.discard(row)
-        if row not in self.gone:
+        if row not in self.gone | self.deleted:
             self._publish(row)
 
     @precondition(lambda self: self.sent)
@@ -125,10 +159,18 @@ class PublisherMachine(RuleBasedStateMachine):
         mid = data.draw(st.sampled_from(sorted(self.sent)))
         row = self.sent.pop(mid)
         if delivered(reason):
-            self.ok_acked.add(row)
+            self.at_broker.add(row)
         self._run(self.flow.handle(PubAck(mid, reason, "reason", self.now)))
 
-    @rule(seconds=st.floats(0, 70))
+    @precondition(lambda self: self.at_broker)
+    @rule(data=st.data())
+    def gateway_stores(self, data: st.DataObject) -> None:
+        seqs = data.draw(st.sets(st.sampled_from(sorted(self.at_broker)), min_size=1))
+        self.in_influx |= seqs
+        ranges = tuple((s, s) for s in sorted(seqs))
+        self._run(self.flow.handle(Stored(ranges)))
+
+    @rule(seconds=st.floats(0, 30))
     def tick(self, seconds: float) -> None:
         self.now += seconds
         self._run(self.flow.handle(Tick(self.now)))
@@ -146,7 +188,8 @@ class PublisherMachine(RuleBasedStateMachine):
         held = self.flow.holding
         for row in self.published - self.deleted - self.gone:
             assert row in held, f"row {row} is neither deleted nor held"
-        assert self.flow.in_flight <= 5  # the window
+        assert self.flow.in_flight <= 5
+        assert self.flow.unreceipted <= 8
 
 
 PublisherMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60,

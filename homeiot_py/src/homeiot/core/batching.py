@@ -7,8 +7,10 @@ Each received message is collected into the open batch; a full batch (``batch_si
 (``batch_age_s``, on a ``Tick``) becomes a ``Write`` of its points. When InfluxDB accepted it
 (``Written``, possibly refusing some lines), the messages it could not store — invalid payloads
 and refused points — become one ``DeadLetter``; once that is durable (``DeadLettered``) or if there
-is none, the batch's messages are acknowledged in arrival order (``Ack``). Nothing is acknowledged
-before its point is written or its letter stored.
+is none, the batch's messages are acknowledged in arrival order (``Ack``) and each source is told
+which of its seqs InfluxDB now holds (``Receipt``, see :mod:`homeiot.core.receipts`). Nothing is
+acknowledged before its point is written or its letter stored; a receipt names only points
+InfluxDB accepted.
 
 Acknowledgements belong to a connection: a message id is only meaningful on the connection that
 delivered it (the broker reuses ids, and resends unacknowledged messages after a reconnect). The
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from homeiot.core.receipts import Ranges, to_ranges
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +133,14 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class Receipt:
+    """Tell ``source`` that InfluxDB stored its readings with these seqs (end-to-end ack)."""
+
+    source: str
+    ranges: Ranges
+
+
+@dataclass(frozen=True, slots=True)
 class Settled:
     """Batch ``batch_id`` is finished: ``stored`` were written, ``dead`` set aside, ``unacked``
     of them belonged to an earlier connection (the broker delivers those again)."""
@@ -139,7 +151,7 @@ class Settled:
     unacked: int
 
 
-Action = Write | DeadLetter | Ack | Settled
+Action = Write | DeadLetter | Ack | Receipt | Settled
 
 
 @dataclass(slots=True)
@@ -230,5 +242,10 @@ class GatewayFlow:
         del self._busy[batch.id]
         acks: list[Action] = [Ack(m.mid, m.qos) for m, generation in batch.messages
                               if generation == self.generation]
-        return [*acks, Settled(batch.id, batch.stored, batch.dead,
-                               len(batch.messages) - len(acks))]
+        seqs: dict[str, list[int]] = {}
+        for m in batch.stored:
+            if m.source is not None and m.seq is not None:
+                seqs.setdefault(m.source, []).append(m.seq)
+        receipts = [Receipt(source, to_ranges(s)) for source, s in sorted(seqs.items())]
+        return [*acks, *receipts, Settled(batch.id, batch.stored, batch.dead,
+                                          len(batch.messages) - len(acks))]

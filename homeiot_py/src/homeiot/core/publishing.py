@@ -3,12 +3,18 @@
 Pure, h11-style: the publisher's shell (paho, threads, the SQLite outbox) feeds it events and
 carries out the actions it hands back; it does no I/O and reads no clock (times come in events).
 
-A row is *sent* when paho took it (``Published``, with paho's message id). Its PUBACK
-(``PubAck``) either says the broker took it for its subscribers — the row is then deleted — or
-refuses it (a failure reason code such as 0x87 "not authorized", or 0x10 "no matching
-subscribers"): the row stays, is resent after a backoff, and the refusal is reported once per
-change of reason. Messages paho still holds across a reconnect keep their message ids (paho
-resends them itself), so a PUBACK always names the row it was sent for.
+A row is *in flight* once paho took it (``Published``, with paho's message id). Its PUBACK
+(``PubAck``) only says what the broker did with it: a good one makes the row *await its receipt*;
+a refusal (a failure reason code such as 0x87 "not authorized", or 0x10 "no matching
+subscribers") makes it *refused*: resent after a backoff, the refusal reported once per change of
+reason. Only a receipt from the gateway (``Stored``: InfluxDB holds these seqs, see
+:mod:`homeiot.core.receipts`) deletes a row. A row whose receipt does not come within
+``receipt_timeout_s`` is resent, the timeout doubling each time up to ``receipt_timeout_max_s``
+(the receipt may have been lost, or the gateway may be away: InfluxDB overwrites a point with the
+same series and time, so a resend never duplicates a row).
+
+Messages paho still holds across a reconnect keep their message ids (paho resends them itself),
+so a PUBACK always names the row it was sent for.
 """
 
 from __future__ import annotations
@@ -42,10 +48,19 @@ class Disconnected:
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """paho took outbox row ``row_id`` for sending, as message ``mid``."""
+    """paho took outbox row ``row_id`` (reading ``seq``) for sending, as message ``mid``."""
 
     row_id: int
+    seq: int
     mid: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A receipt: InfluxDB holds this source's readings with these seqs (inclusive ranges)."""
+
+    ranges: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +87,7 @@ class Tick:
     at: float
 
 
-Event = Connected | Disconnected | Published | PubAck | Gone | Tick
+Event = Connected | Disconnected | Published | PubAck | Stored | Gone | Tick
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -80,7 +95,7 @@ Event = Connected | Disconnected | Published | PubAck | Gone | Tick
 
 @dataclass(frozen=True, slots=True)
 class Delete:
-    """Delete these outbox rows: their readings were delivered."""
+    """Delete these outbox rows: InfluxDB stored their readings."""
 
     row_ids: tuple[int, ...]
 
@@ -109,32 +124,52 @@ class Recovered:
 Action = Delete | Resend | Alarm | Recovered
 
 
+@dataclass(slots=True)
+class _Waiting:
+    seq: int
+    due: float
+    timeout: float
+
+
 @dataclass
 class PublisherFlow:
     """See the module docstring. ``topic`` only names the topic in reports; ``window`` bounds the
-    messages in flight."""
+    messages awaiting a PUBACK, ``unreceipted_max`` every row sent and not yet receipted."""
 
     topic: str
     window: int
-    _in_flight: dict[int, int] = field(default_factory=dict)  # mid → row id
-    _refused: set[int] = field(default_factory=set)  # row ids waiting for their retry
+    unreceipted_max: int = 10_000
+    receipt_timeout_s: float = 30.0
+    receipt_timeout_max_s: float = 600.0
+    _in_flight: dict[int, tuple[int, int]] = field(default_factory=dict)  # mid → (row id, seq)
+    _waiting: dict[int, _Waiting] = field(default_factory=dict)  # row id → its receipt's wait
+    _refused: dict[int, int] = field(default_factory=dict)  # row id → seq, waiting for a retry
+    _timeouts: dict[int, float] = field(default_factory=dict)  # row id → next receipt timeout
     _retry_at: float = 0.0
     _retry_delay: float = RETRY_MIN_S
     _refusal: str | None = None
+    _scan_at: float = 0.0  # no receipt is due before then (saves scanning every tick)
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
     @property
+    def unreceipted(self) -> int:
+        """Rows sent (or refused) in this run whose receipt has not come."""
+        return len(self._in_flight) + len(self._waiting) + len(self._refused)
+
+    @property
     def room(self) -> int:
         """How many more rows may be published now."""
-        return max(0, self.window - len(self._in_flight))
+        return max(0, min(self.window - len(self._in_flight),
+                          self.unreceipted_max - self.unreceipted))
 
     @property
     def holding(self) -> frozenset[int]:
-        """Rows sent or waiting for a retry: a backlog scan must skip them."""
-        return frozenset(self._in_flight.values()) | frozenset(self._refused)
+        """Rows sent, awaiting their receipt or a retry: a backlog scan must skip them."""
+        return (frozenset(row for row, _ in self._in_flight.values()) | frozenset(self._waiting)
+                | frozenset(self._refused))
 
     @property
     def refusal(self) -> str | None:
@@ -144,35 +179,42 @@ class PublisherFlow:
     def handle(self, event: Event) -> list[Action]:
         """Feed one event; returns what to do, in order."""
         match event:
-            case Published(row_id, mid):
-                self._in_flight[mid] = row_id
-                self._refused.discard(row_id)
+            case Published(row_id, seq, mid, _):
+                self._in_flight[mid] = (row_id, seq)
+                self._refused.pop(row_id, None)
+                self._waiting.pop(row_id, None)
                 return []
             case PubAck():
                 return self._pub_ack(event)
+            case Stored(ranges):
+                return self._stored(ranges)
             case Tick(at):
                 return self._tick(at)
             case Gone(row_id):
-                self._refused.discard(row_id)
+                self._refused.pop(row_id, None)
+                self._waiting.pop(row_id, None)
+                self._timeouts.pop(row_id, None)
                 return []
             case Connected() | Disconnected():
                 return []
         raise TypeError(f"not a publisher event: {event!r}")
 
     def _pub_ack(self, ack: PubAck) -> list[Action]:
-        row_id = self._in_flight.pop(ack.mid, None)
-        if row_id is None:  # a message id we never sent (or already settled): nothing to do
+        entry = self._in_flight.pop(ack.mid, None)
+        if entry is None:  # a message id we never sent (or already receipted): nothing to do
             return []
+        row_id, seq = entry
         if delivered(ack.reason):
-            actions: list[Action] = [Delete((row_id,))]
-            if self._refusal is not None:
-                actions.append(Recovered(f"the broker accepts readings on topic {self.topic} "
-                                         "again"))
-                self._refusal = None
-                self._retry_delay = RETRY_MIN_S
-                self._retry_at = 0.0  # what it refused goes out again at once
-            return actions
-        self._refused.add(row_id)
+            timeout = self._timeouts.get(row_id, self.receipt_timeout_s)
+            self._waiting[row_id] = _Waiting(seq, ack.at + timeout, timeout)
+            self._scan_at = min(self._scan_at, ack.at + timeout)
+            if self._refusal is None:
+                return []
+            self._refusal = None
+            self._retry_delay = RETRY_MIN_S
+            self._retry_at = 0.0  # what it refused goes out again at once
+            return [Recovered(f"the broker accepts readings on topic {self.topic} again")]
+        self._refused[row_id] = seq
         reason = f"{ack.reason_text} (0x{ack.reason:02x})"
         if ack.at >= self._retry_at:  # refusals of live readings meanwhile do not push it back
             self._retry_at = ack.at + self._retry_delay
@@ -182,14 +224,41 @@ class PublisherFlow:
         return [Alarm(f"the broker refused readings on topic {self.topic}: {reason}; they stay "
                       "in the outbox and are resent with backoff")]
 
+    def _stored(self, ranges: tuple[tuple[int, int], ...]) -> list[Action]:
+        def stored(seq: int) -> bool:
+            return any(low <= seq <= high for low, high in ranges)
+
+        rows = {row for row, w in self._waiting.items() if stored(w.seq)}
+        rows |= {row for row, seq in self._refused.items() if stored(seq)}
+        for mid, (row, seq) in list(self._in_flight.items()):
+            if stored(seq):  # the receipt overtook our PUBACK (an earlier send was stored)
+                rows.add(row)
+                del self._in_flight[mid]
+        for row in rows:
+            self._waiting.pop(row, None)
+            self._refused.pop(row, None)
+            self._timeouts.pop(row, None)
+        return [Delete(tuple(sorted(rows)))] if rows else []
+
     def _tick(self, at: float) -> list[Action]:
-        if not self._refused or at < self._retry_at:
-            return []
-        due = tuple(sorted(self._refused)[:self.room])
-        if not due:
-            return []
-        # Until they are published again they still count as refused (holding); a Published
-        # moves each to the in-flight set.
-        self._retry_delay = min(RETRY_MAX_S, self._retry_delay * 2)
-        self._retry_at = at + self._retry_delay
-        return [Resend(due)]
+        room = self.window - len(self._in_flight)
+        due: list[int] = []
+        if self._refused and at >= self._retry_at:
+            due = sorted(self._refused)[:room]
+            if due:
+                # Until published again they still count as refused (holding); a Published moves
+                # each to the in-flight set.
+                self._retry_delay = min(RETRY_MAX_S, self._retry_delay * 2)
+                self._retry_at = at + self._retry_delay
+        late: list[int] = []
+        if at >= self._scan_at:
+            late = sorted(row for row, w in self._waiting.items() if w.due <= at)[:room - len(due)]
+        for row in late:
+            wait = self._waiting[row]
+            wait.timeout = min(self.receipt_timeout_max_s, wait.timeout * 2)
+            wait.due = at + wait.timeout  # not again before then, even if it cannot go out now
+            self._timeouts[row] = wait.timeout
+        if at >= self._scan_at:
+            self._scan_at = min((w.due for w in self._waiting.values()), default=at + 1.0)
+        due += late
+        return [Resend(tuple(due))] if due else []

@@ -35,11 +35,12 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.deadletters import DeadLetter, DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings
-from homeiot.core import batching, codec
+from homeiot.core import batching, codec, receipts
 from homeiot.core.batching import GatewayFlow
 from homeiot.core.errors import HomeIotError, InfluxPartialWriteError, InvalidDataError
 from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.reading import check_not_future
+from homeiot.core.receipts import receipt_topic
 from homeiot.core.topics import source_from_topic, subscription_filter
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,10 @@ class Gateway:
         logger.info("gateway stopped: pending=%d", self.pending)
 
     @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
     def pending(self) -> int:
         """Messages received and not yet settled (acknowledged or left to the broker)."""
         with self._lock:
@@ -254,6 +259,10 @@ class Gateway:
                         todo[:0] = self.flow.handle(batching.DeadLettered(batch_id))
                 case batching.Ack(mid, qos):
                     self._client.ack(mid, qos)
+                case batching.Receipt(source, ranges):
+                    # QoS 1; if it is lost, the publisher resends and we store and say it again.
+                    self._client.publish(receipt_topic(self.settings.mqtt.receipt_topic, source),
+                                         receipts.encode(ranges), qos=1)
                 case batching.Settled(_, stored, _, _):
                     self.metrics.written.inc(len(stored))
                     for message in stored:

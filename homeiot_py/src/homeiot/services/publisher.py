@@ -1,18 +1,22 @@
-"""The publisher: meter → outbox (SQLite) → MQTT QoS 1, deleting a reading only on its PUBACK.
+"""The publisher: meter → outbox (SQLite) → MQTT QoS 1; a reading leaves the outbox only when
+the gateway's receipt says InfluxDB stored it.
 
 Two threads. The meter thread reads the meter every ``interval_s`` and hands readings over. The
 pump thread owns the outbox: it commits what the meter handed over (one transaction for whatever
 is waiting), publishes new readings at once, drains the backlog (what was in the outbox when the
-connection came up) oldest first at ``backlog_rate``, keeps at most ``window`` messages in flight,
-and deletes rows as their PUBACKs arrive (paho's ``on_publish``, by message id) — only when the
-PUBACK's reason code says the broker took the message: a refusal (0x87 "not authorized" when the
-ACL does not let us write the topic, 0x10 "no matching subscribers" when the gateway's session is
-gone) keeps the row, is logged at ERROR once per change of reason, and the row is resent with
-backoff.
+connection came up) oldest first at ``backlog_rate``, and feeds the delivery state machine
+(:mod:`homeiot.core.publishing`) with PUBACKs and receipts, carrying out what it decides.
+
+A PUBACK only means "in flight": a good one makes the row wait for its receipt (on
+``{MQTT_RECEIPT_TOPIC}/{source}``), a refusal (0x87 "not authorized" when the ACL does not let us
+write the topic, 0x10 "no matching subscribers" when the gateway's session is gone) keeps the row,
+is logged at ERROR once per change of reason, and the row is resent with backoff. A row whose
+receipt does not come in ``receipt_timeout_s`` is resent, with a doubling timeout. At most
+``window`` messages await their PUBACK and ``unreceipted_max`` their receipt.
 
 paho resends its own in-flight messages after a reconnect; rows it holds are skipped when the
-backlog is drained. After a restart everything in the outbox is sent again — a reading delivered
-twice overwrites itself downstream, so duplicates are harmless and nothing is lost.
+backlog is drained. After a restart everything in the outbox is sent again — a reading stored
+twice overwrites itself in InfluxDB, so duplicates are harmless and nothing is lost.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.meters import Meter
 from homeiot.adapters.outbox import Outbox
 from homeiot.config import PublisherSettings
-from homeiot.core import publishing
-from homeiot.core.errors import HomeIotError, RejectedError
+from homeiot.core import publishing, receipts
+from homeiot.core.errors import HomeIotError, InvalidDataError, RejectedError
 from homeiot.core.publishing import PublisherFlow
 from homeiot.core.reading import Reading, epoch_ms
+from homeiot.core.receipts import receipt_topic
 from homeiot.core.topics import topic_for
 
 logger = logging.getLogger(__name__)
@@ -74,7 +79,11 @@ class Publisher:
         self._readings: queue.Queue[Reading] = queue.Queue()
         self._acked: queue.Queue[tuple[int, ReasonCode]] = queue.Queue()
         self._connects = 0
-        self.flow = PublisherFlow(self.topic, settings.window)  # pump thread only
+        self.receipts_topic = receipt_topic(settings.mqtt.receipt_topic, settings.source)
+        self._receipts: queue.Queue[bytes] = queue.Queue()
+        self.flow = PublisherFlow(self.topic, settings.window,  # pump thread only
+                                  unreceipted_max=settings.unreceipted_max,
+                                  receipt_timeout_s=settings.receipt_timeout_s)
         self._backlog_cursor = 0
         self._backlog_end = 0
         self._live_after = 0
@@ -85,6 +94,7 @@ class Publisher:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
         self._meter_thread = threading.Thread(target=self._meter_loop, name="meter", daemon=True)
         self._watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
         self.published = 0
@@ -99,6 +109,9 @@ class Publisher:
             logger.error("broker refused the connection: %s", reason)
             return
         self._connects += 1
+        # Receipts sent while we were away are lost with the clean session: what they named is
+        # resent after the receipt timeout, and InfluxDB overwrites it in place.
+        client.subscribe(self.receipts_topic, qos=1)
         self.connected.set()
         self._wake.set()
         logger.info("connected to %s:%s", self.settings.mqtt.host, self.settings.mqtt.port)
@@ -113,6 +126,10 @@ class Publisher:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Any) -> None:
         self._acked.put((mid, reason))
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._receipts.put(bytes(msg.payload))
         self._wake.set()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -141,7 +158,7 @@ class Publisher:
             self._settle(2.0)
             mqtt_adapter.close(self._client)
             self.meter.close()
-            logger.info("publisher stopped: published=%d delivered=%d waiting=%d",
+            logger.info("publisher stopped: published=%d stored=%d waiting=%d",
                         self.published, self.delivered, len(self.outbox))
 
     def _fatal(self, exc: RejectedError) -> None:
@@ -196,8 +213,9 @@ class Publisher:
                 self.outbox.prune_older_than(epoch_ms(datetime.now(UTC)))
                 last_prune = now
             if now - last_stats > _STATS_EVERY_S:
-                logger.info("publisher: published=%d delivered=%d in_flight=%d waiting=%d",
-                            self.published, self.delivered, self.flow.in_flight, len(self.outbox))
+                logger.info("publisher: published=%d stored=%d in_flight=%d unreceipted=%d "
+                            "waiting=%d", self.published, self.delivered, self.flow.in_flight,
+                            self.flow.unreceipted, len(self.outbox))
                 last_stats = now
             if self._watchdog_s and now - last_watchdog >= self._watchdog_s:
                 sd_notify("WATCHDOG=1")  # from the pump: a stuck pump lets systemd restart us
@@ -222,6 +240,15 @@ class Publisher:
                 break
             actions += self.flow.handle(publishing.PubAck(mid, reason.value, str(reason),
                                                           time.monotonic()))
+        while True:
+            try:
+                payload = self._receipts.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                actions += self.flow.handle(publishing.Stored(receipts.decode(payload)))
+            except InvalidDataError as exc:
+                logger.warning("ignoring a bad receipt on %s: %s", self.receipts_topic, exc)
         self._execute(actions)
 
     def _execute(self, actions: list[publishing.Action]) -> None:
@@ -236,7 +263,7 @@ class Publisher:
                         if row is None:
                             self.flow.handle(publishing.Gone(row_id))
                         elif self.connected.is_set():
-                            self._send(row.id, row.payload)
+                            self._send(row.id, row.seq, row.payload)
                 case publishing.Alarm(message):
                     logger.error("%s (%d waiting)", message, len(self.outbox))
                 case publishing.Recovered(message):
@@ -265,7 +292,7 @@ class Publisher:
             return
         # New readings first: they go out as they come.
         for row in self.outbox.after(self._live_after, 2**62, room):
-            self._send(row.id, row.payload)
+            self._send(row.id, row.seq, row.payload)
             self._live_after = row.id
             room -= 1
         room = self.flow.room
@@ -280,13 +307,13 @@ class Publisher:
                 self._backlog_cursor = row.id
                 if row.id in holding:
                     continue
-                self._send(row.id, row.payload)
+                self._send(row.id, row.seq, row.payload)
                 self._tokens -= 1
                 room -= 1
 
-    def _send(self, row_id: int, payload: bytes) -> None:
+    def _send(self, row_id: int, seq: int, payload: bytes) -> None:
         info = self._client.publish(self.topic, payload, qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise HomeIotError(f"publish failed: {mqtt.error_string(info.rc)}")
-        self.flow.handle(publishing.Published(row_id, info.mid))
+        self.flow.handle(publishing.Published(row_id, seq, info.mid, time.monotonic()))
         self.published += 1
