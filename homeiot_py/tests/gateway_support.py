@@ -66,10 +66,10 @@ def start_gateway_process(settings: GatewaySettings, log: Path) -> subprocess.Po
 class RunningGateway:
     """An in-process gateway with its own InfluxDB client and dead-letter store."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, *, stall_retry_s: float = 30.0) -> None:
         self.influx = InfluxClient(settings.influx)
         self.store = DeadLetterStore(settings.dead_letter_db)
-        self.gateway = Gateway(settings, self.influx, self.store)
+        self.gateway = Gateway(settings, self.influx, self.store, stall_retry_s=stall_retry_s)
         self.closed = False
         self.gateway.start()
         wait_until(lambda: self.gateway.mqtt_connected, 10, "the gateway to connect")

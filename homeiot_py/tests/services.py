@@ -285,6 +285,7 @@ class Influxd:
     directory: Path
     port: int
     auth_enabled: bool = False
+    max_body_size: int = 25_000_000
     process: ManagedProcess = field(init=False)
 
     @property
@@ -308,6 +309,7 @@ class Influxd:
             f'[http]\n  bind-address = "{LOOPBACK}:{self.port}"\n'
             f"  auth-enabled = {'true' if self.auth_enabled else 'false'}\n"
             "  log-enabled = false\n  max-row-limit = 0\n"
+            f"  max-body-size = {self.max_body_size}\n"
         )
         self.process = ManagedProcess([binary, "-config", str(conf)], d / "influxd.log", self.port)
 
@@ -332,8 +334,9 @@ class Influxd:
                 raise RuntimeError(f"{statement}: {result['error']}")
 
 
-def start_influxd(directory: Path, *, auth_enabled: bool = False) -> Influxd:
-    server = Influxd(directory, free_port(), auth_enabled)
+def start_influxd(directory: Path, *, auth_enabled: bool = False,
+                  max_body_size: int = 25_000_000) -> Influxd:
+    server = Influxd(directory, free_port(), auth_enabled, max_body_size)
     server.process.start()
     server.wait_ready()
     return server

@@ -35,9 +35,9 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.deadletters import DeadLetter, DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings
-from homeiot.core import batching, codec, receipts
+from homeiot.core import batching, codec, receipts, writes
 from homeiot.core.batching import GatewayFlow
-from homeiot.core.errors import HomeIotError, InfluxPartialWriteError, InvalidDataError
+from homeiot.core.errors import InvalidDataError
 from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.reading import check_not_future
 from homeiot.core.receipts import receipt_topic
@@ -93,12 +93,14 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, influx: InfluxClient,
                  dead_letters: DeadLetterStore, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None,
+                 stall_retry_s: float = writes.STALL_RETRY_S) -> None:
         self.settings = settings
         self.influx = influx
         self.dead_letters = dead_letters
         self._clock = clock
         self._on_fatal = on_fatal
+        self._stall_retry_s = stall_retry_s
         self._max_ahead = timedelta(seconds=settings.max_future_s)
         self._measurement = settings.influx.measurement
         self._topic_filter = subscription_filter(settings.mqtt.topic, settings.share_group)
@@ -107,6 +109,8 @@ class Gateway:
         self.fatal_error: str | None = None
         self.mqtt_connected = False
         self.influx_ok = True
+        self.influx_problem: str | None = None
+        self._influx_key: str | None = None
         # The broker sends at most this many unacknowledged messages: two batches, so one fills
         # while the other is written.
         self.receive_maximum = min(65535, 2 * settings.batch_size)
@@ -275,28 +279,72 @@ class Gateway:
 
     def _write(self, batch_id: int, lines: list[str],
                deadline: float | None) -> batching.Written | None:
-        """Write until InfluxDB accepts (retrying with capped, jittered backoff); what it refuses
-        for good is reported in the answer. None when shutdown's deadline passed first."""
-        delay = _BACKOFF_MIN_S
+        """Store ``lines`` following InfluxDB's answers (:mod:`homeiot.core.writes`); the answer
+        for the flow names what InfluxDB refused for good. None when shutdown's deadline passed
+        first (nothing is acknowledged then)."""
+        reasons: list[str] = []
+        refused = self._store(lines, deadline, reasons)
+        if refused is None:
+            return None
+        return batching.Written(batch_id, frozenset(refused), reason="; ".join(reasons[:3]))
+
+    def _store(self, lines: list[str], deadline: float | None,
+               reasons: list[str]) -> set[str] | None:
+        delay: float | None = None
         while True:
-            try:
-                self.influx.write(lines, batch_size=len(lines))
-            except InfluxPartialWriteError as exc:
-                self.influx_ok = True
-                return batching.Written(batch_id, frozenset(exc.lines), not exc.lines, str(exc))
-            except HomeIotError as exc:
-                self.influx_ok = False
-                self.metrics.write_errors.inc()
-                logger.warning("InfluxDB write failed, %d points held (not acknowledged), retry in "
-                               "%.1f s: %s", len(lines), delay, exc)
+            answer = self.influx.write_answer(lines)
+            decision = writes.policy(answer)
+            if decision is writes.Policy.PARTIAL and not set(answer.refused) <= set(lines):
+                decision = writes.Policy.ISOLATE  # it named lines we cannot match: find them
+            if decision is writes.Policy.WRITTEN:
+                self._influx_answering()
+                return set()
+            if decision is writes.Policy.PARTIAL:
+                self._influx_answering()
+                reasons.append(answer.text)
+                return set(answer.refused)
+            if decision in (writes.Policy.SPLIT, writes.Policy.ISOLATE):
+                self._influx_answering()
+                if len(lines) == 1:
+                    reasons.append(answer.text)
+                    return set(lines)
+                half = len(lines) // 2
+                first = self._store(lines[:half], deadline, reasons)
+                if first is None:
+                    return None
+                second = self._store(lines[half:], deadline, reasons)
+                return None if second is None else first | second
+            self.metrics.write_errors.inc()
+            if decision is writes.Policy.STALL:
+                wait = self._stall_retry_s
+                self._influx_refusing(f"InfluxDB refuses to store anything ({answer.text}); "
+                                      "nothing is acknowledged, retrying every "
+                                      f"{wait:.0f} s", key=str(answer.status))
             else:
-                self.influx_ok = True
-                return batching.Written(batch_id)
-            if deadline is not None and time.monotonic() + delay > deadline:
+                delay = writes.backoff(delay)
+                wait = delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
+                self._influx_refusing(f"InfluxDB write failed, {len(lines)} points held (not "
+                                      f"acknowledged), retrying with backoff: {answer.text}",
+                                      key=str(answer.status), level=logging.WARNING)
+            if deadline is not None and time.monotonic() + wait > deadline:
                 return None
-            if self._stopping.wait(delay) and deadline is None:
+            if self._stopping.wait(wait) and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_FLUSH_S
-            delay = min(_BACKOFF_MAX_S, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
+
+    def _influx_refusing(self, message: str, *, key: str, level: int = logging.ERROR) -> None:
+        """Report a write problem once per change (``key``), and tell /readyz."""
+        self.influx_ok = False
+        self.influx_problem = message
+        if key != self._influx_key:
+            self._influx_key = key
+            logger.log(level, "%s", message)
+
+    def _influx_answering(self) -> None:
+        if self._influx_key is not None:
+            logger.info("InfluxDB stores again")
+            self._influx_key = None
+        self.influx_ok = True
+        self.influx_problem = None
 
     def _fatal(self, message: str) -> None:
         self.fatal_error = message
