@@ -1,6 +1,7 @@
 """``homeiot-gateway`` / ``python -m homeiot.gateway``: run the gateway, or manage dead letters.
 
-Exit codes: 0 clean stop, 2 bad configuration, 3 the broker refused our credentials.
+Exit codes: 0 clean stop, 1 a thread died (the writer: e.g. the dead-letter store cannot be
+written), 2 bad configuration, 3 the broker refused our credentials.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _run() -> int:
         influx=influx, dead_letters=store, registry=gateway.metrics.registry,
         tokens=settings.api_tokens, measurement=settings.influx.measurement,
         timezone=settings.timezone, source_default=settings.source_default,
-        mqtt_connected=lambda: gateway.mqtt_connected))
+        mqtt_connected=lambda: gateway.mqtt_connected, problems=gateway.problems))
     server = _Server(uvicorn.Config(app, host=settings.api_host, port=settings.api_port,
                                     log_config=None, access_log=False, timeout_graceful_shutdown=2))
 
@@ -68,7 +69,7 @@ def _run() -> int:
         gateway.stop()
         store.close()
         influx.close()
-    return EXIT_AUTH if gateway.fatal_error else 0
+    return gateway.exit_code
 
 
 def _server_class() -> type:

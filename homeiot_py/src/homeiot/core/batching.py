@@ -180,6 +180,16 @@ class GatewayFlow:
         return sum(len(b.messages) for b in self._busy.values()) + (
             len(self._open.messages) if self._open else 0)
 
+    def pending_by_source(self) -> dict[str, int]:
+        """Messages not yet settled, per source (``?`` for those without one)."""
+        counts: dict[str, int] = {}
+        batches = [*self._busy.values(), *([self._open] if self._open else [])]
+        for batch in batches:
+            for message, _ in batch.messages:
+                key = message.source or "?"
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def handle(self, event: Event) -> list[Action]:
         """Feed one event; returns what to do, in order."""
         match event:

@@ -84,6 +84,18 @@ class GatewayMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.backlog = Gauge("homeiot_backlog_messages",
                              "Messages received but not yet acknowledged", registry=r)
+        self.stored_by_source = Counter("homeiot_source_points_written",
+                                        "Points accepted by InfluxDB, per source", ["source"],
+                                        registry=r)
+        self.dead_by_source = Counter("homeiot_source_dead_letters",
+                                      "Dead letters per source (topic's last level)", ["source"],
+                                      registry=r)
+        self.seq_gaps = Counter("homeiot_source_seq_gaps",
+                                "Readings skipped in a source's seq as received (a backlog may "
+                                "fill them later)", ["source"], registry=r)
+        self.unacked = Gauge("homeiot_source_unacked_messages",
+                             "Messages received but not yet acknowledged, per source",
+                             ["source"], registry=r)
         r.register(_LastReadingAge(last_reading, clock))
 
 
@@ -107,6 +119,11 @@ class Gateway:
         self.last_reading: dict[str, datetime] = {}
         self.metrics = GatewayMetrics(self.last_reading, clock)
         self.fatal_error: str | None = None
+        self.exit_code = 0
+        self.heartbeat = 0.0
+        self.mqtt_problem: str | None = None
+        self._last_seq: dict[str, int] = {}
+        self._gauged: set[str] = set()
         self.mqtt_connected = False
         self.influx_ok = True
         self.influx_problem: str | None = None
@@ -177,6 +194,7 @@ class Gateway:
         with self._lock:
             self.flow.handle(batching.Connected())  # acks of earlier connections are void now
         self.mqtt_connected = True
+        self.mqtt_problem = None
         if not flags.session_present:
             logger.warning("broker had no session for %s: messages published while we were away "
                            "(if any) were not kept", self.settings.client_id)
@@ -192,6 +210,7 @@ class Gateway:
         with self._lock:  # from now on nothing of that connection is acknowledged
             self.flow.handle(batching.Disconnected())
         self.mqtt_connected = False
+        self.mqtt_problem = f"disconnected: {reason}"
         if not self._stopping.is_set():
             logger.warning("disconnected from the broker: %s; reconnecting", reason)
 
@@ -201,6 +220,12 @@ class Gateway:
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
         message = self._ingest(msg.mid, msg.qos, msg.topic, payload, self._clock())
         self.metrics.received.inc()
+        if message.source is not None and message.seq is not None:
+            last = self._last_seq.get(message.source)
+            if last is not None and message.seq > last + 1:
+                self.metrics.seq_gaps.labels(message.source).inc(message.seq - last - 1)
+            if last is None or message.seq > last:
+                self._last_seq[message.source] = message.seq
         with self._lock:
             actions = self.flow.handle(batching.Received(message, time.monotonic()))
         for action in actions:
@@ -220,7 +245,16 @@ class Gateway:
     # --- writer thread --------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        try:
+            self._write_loop_inner()
+        except BaseException as exc:  # a dead writer must stop the process, never go quiet
+            logger.critical("the writer thread died: %s: %s; nothing more is acknowledged, "
+                            "stopping", type(exc).__name__, exc, exc_info=True)
+            self._fatal(f"the writer thread died: {type(exc).__name__}: {exc}", exit_code=1)
+
+    def _write_loop_inner(self) -> None:
         age = self.settings.batch_age_s
+        last_gauges = 0.0
         deadline: float | None = None
         while True:
             stopping = self._stopping.is_set()
@@ -234,9 +268,19 @@ class Gateway:
                     actions = self.flow.handle(batching.Tick(time.monotonic(), flush=stopping))
                 if not actions and stopping and self._ready.empty():
                     return
+            self.heartbeat = time.monotonic()
             if not self._carry_out(actions, deadline):
                 return
+            self.heartbeat = time.monotonic()
             self.metrics.backlog.set(self.pending)
+            if self.heartbeat - last_gauges >= 1.0:
+                last_gauges = self.heartbeat
+                with self._lock:
+                    by_source = self.flow.pending_by_source()
+                seen = set(self._last_seq.copy())  # copy(): atomic, paho's thread adds to it
+                for source in set(by_source) | self._gauged | seen:
+                    self.metrics.unacked.labels(source).set(by_source.get(source, 0))
+                self._gauged |= set(by_source)
 
     def _carry_out(self, actions: list[batching.Action], deadline: float | None) -> bool:
         """Carry out the flow's actions (and those they lead to); False when shutdown's deadline
@@ -257,6 +301,8 @@ class Gateway:
                     self.dead_letters.add([DeadLetter(lt.topic, lt.payload, lt.error,
                                                       lt.received_at) for lt in letters])
                     self.metrics.dead.inc(len(letters))
+                    for letter in letters:
+                        self.metrics.dead_by_source.labels(letter.topic.rsplit("/", 1)[-1]).inc()
                     logger.warning("dead letters: %d (first: topic=%s error=%s)", len(letters),
                                    letters[0].topic, letters[0].error)
                     with self._lock:
@@ -269,6 +315,8 @@ class Gateway:
                                          receipts.encode(ranges), qos=1)
                 case batching.Settled(_, stored, _, _):
                     self.metrics.written.inc(len(stored))
+                    for message in stored:
+                        self.metrics.stored_by_source.labels(message.source).inc()
                     for message in stored:
                         if message.source is None or message.ts is None:
                             continue  # stored messages always have both; typing cannot tell
@@ -346,7 +394,24 @@ class Gateway:
         self.influx_ok = True
         self.influx_problem = None
 
-    def _fatal(self, message: str) -> None:
+    def problems(self, stall_s: float = 60.0) -> list[str]:
+        """Why the gateway is not ready, if it is not (for /readyz)."""
+        reasons = []
+        if self.fatal_error:
+            reasons.append(self.fatal_error)
+        elif not self._writer.is_alive() and self._writer.ident is not None:
+            reasons.append("the writer thread is not running")
+        elif self.heartbeat and time.monotonic() - self.heartbeat > stall_s and self.pending:
+            reasons.append(f"the writer has made no progress for {stall_s:.0f} s "
+                           f"({self.pending} messages waiting)")
+        if self.influx_problem:
+            reasons.append(self.influx_problem)
+        if not self.mqtt_connected:
+            reasons.append(f"not connected to the broker: {self.mqtt_problem or 'connecting'}")
+        return reasons
+
+    def _fatal(self, message: str, exit_code: int = 3) -> None:
+        self.exit_code = exit_code
         self.fatal_error = message
         if self._on_fatal is not None:
             self._on_fatal(message)
