@@ -66,13 +66,19 @@ def start_gateway_process(settings: GatewaySettings, log: Path) -> subprocess.Po
 class RunningGateway:
     """An in-process gateway with its own InfluxDB client and dead-letter store."""
 
-    def __init__(self, settings: GatewaySettings, *, stall_retry_s: float = 30.0) -> None:
+    def __init__(self, settings: GatewaySettings, *, stall_retry_s: float = 30.0,
+                 connect_timeout_s: float = 10.0) -> None:
         self.influx = InfluxClient(settings.influx)
         self.store = DeadLetterStore(settings.dead_letter_db)
         self.gateway = Gateway(settings, self.influx, self.store, stall_retry_s=stall_retry_s)
         self.closed = False
         self.gateway.start()
-        wait_until(lambda: self.gateway.mqtt_connected, 10, "the gateway to connect")
+        try:
+            wait_until(lambda: self.gateway.mqtt_connected, connect_timeout_s,
+                       "the gateway to connect")
+        except AssertionError:
+            self.stop()
+            raise
         time.sleep(0.3)  # let the SUBSCRIBE reach the broker before anyone publishes
 
     def stop(self) -> None:

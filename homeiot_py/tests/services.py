@@ -252,6 +252,13 @@ class Mosquitto:
                                                   f"topic read {RECEIPT_TOPIC}/{s}\n" for s in mine)
         self.acl.write_text(text)
 
+    def set_password(self, user: str, password: str) -> None:
+        """Change (or add) one identity's password in the password file; :meth:`reload` applies."""
+        self.users = {**self.users, user: password}
+        passwords = self.directory / "passwords"
+        passwords.write_text("".join(
+            password_file_line(u, hash_password(pw)) + "\n" for u, pw in self.users.items()))
+
     def reload(self) -> None:
         """SIGHUP to our broker's PID: it rereads the password file and the ACL."""
         assert self.process.proc is not None

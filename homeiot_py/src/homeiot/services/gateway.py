@@ -143,6 +143,7 @@ class Gateway:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_connect_fail = self._on_connect_fail
+        self._report = mqtt_adapter.ConnectionReport(logger, "gateway")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -186,7 +187,8 @@ class Gateway:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
         if reason.is_failure:
-            logger.error("broker refused the connection: %s", reason)
+            self.mqtt_problem = mqtt_adapter.refusal(reason)
+            self._report.failed(self.mqtt_problem)
             if reason.value in mqtt_adapter.AUTH_REASONS:
                 self._fatal(f"the broker refused our credentials ({reason}); check MQTT_USER/"
                             "MQTT_PASSWORD or MQTT_BROKER_URL")
@@ -195,6 +197,7 @@ class Gateway:
             self.flow.handle(batching.Connected())  # acks of earlier connections are void now
         self.mqtt_connected = True
         self.mqtt_problem = None
+        self._report.connected()
         if not flags.session_present:
             logger.warning("broker had no session for %s: messages published while we were away "
                            "(if any) were not kept", self.settings.client_id)
@@ -202,8 +205,8 @@ class Gateway:
         logger.info("connected: session_present=%s", flags.session_present)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        logger.warning("cannot connect to the broker at %s:%s; retrying",
-                       self.settings.mqtt.host, self.settings.mqtt.port)
+        self.mqtt_problem = mqtt_adapter.diagnose(self.settings.mqtt)
+        self._report.failed(self.mqtt_problem)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:

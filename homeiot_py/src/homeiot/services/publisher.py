@@ -95,6 +95,8 @@ class Publisher:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
+        self._client.on_connect_fail = self._on_connect_fail
+        self._report = mqtt_adapter.ConnectionReport(logger, "publisher")
         self._meter_thread = threading.Thread(target=self._meter_loop, name="meter", daemon=True)
         self._watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
         self.published = 0
@@ -106,8 +108,11 @@ class Publisher:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
         if reason.is_failure:
-            logger.error("broker refused the connection: %s", reason)
+            # Readings stay in the outbox; paho retries with capped backoff (1 s to 10 s), so a
+            # password rotated on the server is picked up within seconds.
+            self._report.failed(mqtt_adapter.refusal(reason))
             return
+        self._report.connected()
         self._connects += 1
         # Receipts sent while we were away are lost with the clean session: what they named is
         # resent after the receipt timeout, and InfluxDB overwrites it in place.
@@ -127,6 +132,9 @@ class Publisher:
                     properties: Any) -> None:
         self._acked.put((mid, reason))
         self._wake.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._report.failed(mqtt_adapter.diagnose(self.settings.mqtt))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._receipts.put(bytes(msg.payload))
