@@ -99,21 +99,49 @@ def _float(env: Env, name: str, default: float, low: float, high: float) -> floa
     return value
 
 
-def _redacted(parts: SplitResult) -> str:
-    """The URL with any password replaced, fit for an error message."""
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username}:***@" + netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=netloc).geturl()
+def _redacted(raw: str) -> str:
+    """``raw`` fit for an error message: whatever precedes the last ``@`` after the scheme (user
+    and password, whatever characters they hold, encoded or not) and any query or fragment (which
+    may carry ``?u=…&p=…``) become ``***``."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "", raw
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    for mark in "?#":
+        if mark in rest:
+            rest = rest.split(mark, 1)[0] + mark + "***"
+    # "user:pass#word" without an "@" looks like host:port to a URL parser; a "port" that is not
+    # a number may be the start of a password, so the whole host part goes.
+    host_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    host_port = rest[:host_end]
+    if not host_port.startswith(("[", "***@")) and ":" in host_port and \
+            not host_port.rsplit(":", 1)[1].isdigit():
+        rest = "***" + rest[host_end:]
+    return f"{scheme}{sep}{rest}"
+
+
+def _split_credentials(url: str) -> tuple[SplitResult, str | None, str | None]:
+    """Split ``scheme://user:password@host:port`` at the *last* ``@``, so a password with an
+    unencoded ``#``, ``?``, ``/``, ``@`` or ``:`` is still a password (percent-encoding is decoded),
+    and parse the rest as a URL without credentials."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return urlsplit(url), None, None
+    userinfo, host_part = rest.rsplit("@", 1)
+    user, colon, password = userinfo.partition(":")
+    return (urlsplit(f"{scheme}://{host_part}"), unquote(user) if user else None,
+            unquote(password) if colon else None)
 
 
 def _port(name: str, parts: SplitResult, default: int) -> int:
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(name, f"port must be an integer 1-65535 in {_redacted(parts)!r}") from None
+        raise ConfigError(name, f"port must be an integer 1-65535 in "
+                                f"{_redacted(parts.geturl())!r}") from None
     if port == 0:
-        raise ConfigError(name, f"port must be 1-65535 in {_redacted(parts)!r}")
+        raise ConfigError(name, f"port must be 1-65535 in {_redacted(parts.geturl())!r}")
     return default if port is None else port
 
 
@@ -164,23 +192,23 @@ def load_mqtt(env: Env | None = None) -> MqttSettings:
     url = _get(env, "MQTT_BROKER_URL")
     if url is not None:
         name = "MQTT_BROKER_URL"
-        parts = urlsplit(url.strip())
+        url = url.strip()
+        parts, url_user, url_password = _split_credentials(url)
+        shown = _redacted(url)
         if parts.scheme != "mqtts":
             raise ConfigError(
-                name, f"scheme must be 'mqtts' (TLS is required), got {parts.scheme!r} in "
-                f"{_redacted(parts)!r}"
-            )
+                name, f"scheme must be 'mqtts' (TLS is required), got {shown!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ConfigError(name, f"must be mqtts://user:pass@host:port with no path or query, "
-                                    f"got {_redacted(parts)!r}")
+                                    f"got {shown!r}")
         host = parts.hostname
         if not host:
-            raise ConfigError(name, f"has no host name: {_redacted(parts)!r}")
+            raise ConfigError(name, f"has no host name: {shown!r}")
         port = _port(name, parts, DEFAULT_MQTT_PORT)
-        username = unquote(parts.username) if parts.username else _get(env, "MQTT_USER")
-        password = unquote(parts.password) if parts.password else _get(env, "MQTT_PASSWORD")
-        user_var = name if parts.username else "MQTT_USER"
-        pass_var = name if parts.password else "MQTT_PASSWORD"
+        username = url_user or _get(env, "MQTT_USER")
+        password = url_password or _get(env, "MQTT_PASSWORD")
+        user_var = name if url_user else "MQTT_USER"
+        pass_var = name if url_password else "MQTT_PASSWORD"
     else:
         host = _get(env, "MQTT_HOST")
         if host is None:
@@ -188,8 +216,9 @@ def load_mqtt(env: Env | None = None) -> MqttSettings:
         host = host.strip()
         # One ':' means "host:port" was given here; IPv6 addresses have several.
         if not host or any(c in host for c in "/@ ") or host.count(":") == 1:
+            # Not echoed: someone may have pasted user:password@host here.
             raise ConfigError("MQTT_HOST", "must be a bare host name or IP address (no scheme, "
-                                           f"port or credentials), got {host!r}")
+                                           "port, credentials or spaces)")
         port = _int(env, "MQTT_PORT", DEFAULT_MQTT_PORT, 1, 65535)
         username, password = _get(env, "MQTT_USER"), _get(env, "MQTT_PASSWORD")
         user_var, pass_var = "MQTT_USER", "MQTT_PASSWORD"
@@ -220,14 +249,17 @@ def load_influx(env: Env | None = None) -> InfluxSettings:
     """InfluxDB settings from ``INFLUXDB_*`` (see docs/configuration.md)."""
     env = os.environ if env is None else env
     raw_url = (_get(env, "INFLUXDB_URL") or DEFAULT_INFLUX_URL).strip()
-    parts = urlsplit(raw_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("INFLUXDB_URL", f"must be http(s)://host:port, got {_redacted(parts)!r}")
-    if parts.username is not None or parts.password is not None:
+    parts, url_user, url_password = _split_credentials(raw_url)
+    if url_user is not None or url_password is not None:
         raise ConfigError("INFLUXDB_URL", "must not carry credentials; use INFLUXDB_USER/"
                                           "INFLUXDB_PASSWORD or INFLUXDB_TOKEN")
     if parts.query or parts.fragment:
-        raise ConfigError("INFLUXDB_URL", f"must have no query or fragment, got {raw_url!r}")
+        # Not echoed: ?u=…&p=… is how InfluxDB 1.x takes credentials.
+        raise ConfigError("INFLUXDB_URL", "must have no query or fragment (credentials go in "
+                                          "INFLUXDB_USER/INFLUXDB_PASSWORD or INFLUXDB_TOKEN)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("INFLUXDB_URL",
+                          f"must be http(s)://host:port, got {_redacted(raw_url)!r}")
     _port("INFLUXDB_URL", parts, 8086)
     database = _get(env, "INFLUXDB_DB") or DEFAULT_INFLUX_DB
     if not database.isprintable() or '"' in database:
