@@ -5,7 +5,7 @@ so the publisher's speed does not matter:
 
   (a) ``mosquitto_sub -q 1 -c`` — the C client, the practical ceiling;
   (b) a bare paho subscriber that only acknowledges — the ceiling for any paho-based consumer;
-  (c) the gateway (a ``python -m homeiot.gateway`` process), end to end into InfluxDB, the count
+  (c) the gateway (a ``python -m homeiot.cli.gateway`` process), end to end into InfluxDB, the count
       verified by query.
 
 Then, at 100 readings/s, the p99 latency from publish to queryable, and the gateway's peak RSS.

@@ -143,7 +143,7 @@ def run_drill(root: Path, *, duration_s: float, rate: float) -> DrillResult:
     peak = 0.0
 
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env, stdout=log,
+        return subprocess.Popen([sys.executable, "-m", "homeiot.cli.publisher"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
 
     def run_for(proc: subprocess.Popen[bytes], seconds: float) -> None:

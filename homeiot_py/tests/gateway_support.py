@@ -40,7 +40,7 @@ def gateway_settings(broker: Mosquitto, influx: InfluxSettings, tmp_path: Path, 
 
 
 def gateway_env(settings: GatewaySettings, api_port: int | None = None) -> dict[str, str]:
-    """The environment that makes ``python -m homeiot.gateway`` use ``settings``."""
+    """The environment that makes ``python -m homeiot.cli.gateway`` use ``settings``."""
     m = settings.mqtt
     url = f"mqtts://{quote(m.username, safe='')}:{quote(m.password, safe='')}@{m.host}:{m.port}"
     return {
@@ -59,7 +59,7 @@ def gateway_env(settings: GatewaySettings, api_port: int | None = None) -> dict[
 
 def start_gateway_process(settings: GatewaySettings, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "homeiot.gateway"], env=gateway_env(settings),
+        return subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"], env=gateway_env(settings),
                                 stdout=out, stderr=subprocess.STDOUT)
 
 

@@ -28,7 +28,7 @@ ODD_PASSWORD = "p#ss?w/rd@h:st% 1 x"
 
 def _run_publisher(env: dict[str, str], log: Path, seconds: float) -> str:
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "homeiot.cli.publisher"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         time.sleep(seconds)
@@ -85,7 +85,7 @@ def test_refused_credentials_keep_collecting_and_recover_when_the_password_is_fi
                               f"{broker.port}"}
     log = tmp_path / "publisher.log"
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "homeiot.cli.publisher"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: "refused our credentials" in log.read_text(), 30, "the refusal")

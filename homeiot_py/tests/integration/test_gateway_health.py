@@ -47,7 +47,7 @@ def test_a_locked_dead_letter_store_stops_the_gateway_loudly_and_nothing_is_lost
     port = free_port()
     log = tmp_path / "gateway.log"
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "homeiot.gateway"],
+        proc = subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"],
                                 env=gateway_env(settings, port), stdout=out,
                                 stderr=subprocess.STDOUT)
     holder = None
@@ -88,7 +88,7 @@ def test_readyz_says_why_while_influxdb_refuses(
     port = free_port()
     log = tmp_path / "gateway.log"
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "homeiot.gateway"],
+        proc = subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"],
                                 env=gateway_env(settings, port), stdout=out,
                                 stderr=subprocess.STDOUT)
     publisher = Publisher(broker, "meter1")

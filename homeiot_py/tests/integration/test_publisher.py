@@ -106,7 +106,7 @@ def test_the_process_notifies_systemd_and_stops_cleanly(
     notify.settimeout(20)
     env = {**publisher_env(broker, tmp_path / "outbox.sqlite", 10),
            "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "2000000"}
-    proc = subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "homeiot.cli.publisher"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         messages = {notify.recv(64).decode() for _ in range(3)}
@@ -145,7 +145,7 @@ def test_a_refused_b_route_password_stops_the_publisher_with_exit_3(
            "BROUTE_ID": "0" * 31 + "1", "BROUTE_PASSWORD": "WRONGPASSWRD",
            "BROUTE_DEVICE": dongle.path}
     try:
-        result = subprocess.run([sys.executable, "-m", "homeiot.publisher"], env=env,
+        result = subprocess.run([sys.executable, "-m", "homeiot.cli.publisher"], env=env,
                                 capture_output=True, text=True, timeout=60, check=False)
     finally:
         dongle.close()
@@ -158,7 +158,7 @@ def test_a_refused_b_route_password_stops_the_publisher_with_exit_3(
 
 def _start_publisher(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "homeiot.publisher"], env=env, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "homeiot.cli.publisher"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
 
 

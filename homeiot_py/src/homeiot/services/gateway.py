@@ -35,13 +35,11 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.deadletters import DeadLetter, DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings
-from homeiot.core import batching, codec, receipts, writes
+from homeiot.core import batching, receipts, writes
 from homeiot.core.batching import GatewayFlow
-from homeiot.core.errors import InvalidDataError
-from homeiot.core.lineprotocol import encode_reading
-from homeiot.core.reading import check_not_future
+from homeiot.core.ingest import Rejection, Rules, ingest
 from homeiot.core.receipts import receipt_topic
-from homeiot.core.topics import source_from_topic, subscription_filter
+from homeiot.core.topics import subscription_filter
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +111,8 @@ class Gateway:
         self._clock = clock
         self._on_fatal = on_fatal
         self._stall_retry_s = stall_retry_s
-        self._max_ahead = timedelta(seconds=settings.max_future_s)
-        self._measurement = settings.influx.measurement
+        self._rules = Rules(settings.mqtt.topic, settings.influx.measurement,
+                            timedelta(seconds=settings.max_future_s))
         self._topic_filter = subscription_filter(settings.mqtt.topic, settings.share_group)
         self.last_reading: dict[str, datetime] = {}
         self.metrics = GatewayMetrics(self.last_reading, clock)
@@ -236,14 +234,12 @@ class Gateway:
 
     def _ingest(self, mid: int, qos: int, topic: str, payload: bytes,
                 received_at: datetime) -> batching.Message:
-        try:
-            source = source_from_topic(self.settings.mqtt.topic, topic)
-            reading = check_not_future(codec.decode(payload, source), received_at, self._max_ahead)
-            line = encode_reading(reading, self._measurement)
-        except InvalidDataError as exc:
-            return batching.Message(mid, qos, topic, payload, received_at, rejection=str(exc))
-        return batching.Message(mid, qos, topic, payload, received_at, line, source,
-                                reading.seq, reading.ts)
+        outcome = ingest(self._rules, topic, payload, received_at)
+        if isinstance(outcome, Rejection):
+            return batching.Message(mid, qos, topic, payload, received_at,
+                                    rejection=outcome.reason)
+        return batching.Message(mid, qos, topic, payload, received_at, outcome.line,
+                                outcome.source, outcome.seq, outcome.ts)
 
     # --- writer thread --------------------------------------------------------------------------
 
