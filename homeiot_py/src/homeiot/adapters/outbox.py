@@ -1,5 +1,5 @@
 """The publisher's outbox: every reading is committed here (SQLite, WAL) before it is published,
-and deleted only when the broker acknowledged it (PUBACK).
+and deleted only when the gateway's receipt says InfluxDB stored it (a PUBACK is not enough).
 
 The outbox also owns each source's ``seq``: the next number is stored in the same transaction as
 the reading, so numbers keep increasing across restarts and a gap downstream means a real loss.
