@@ -110,6 +110,8 @@ def outbox_state(outbox: Path, source: str = "meter1") -> tuple[int, int]:
     """(rows waiting, next seq of ``source``), read from another process (WAL allows it)."""
     con = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
     try:
+        if con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'outbox'").fetchone()[0] == 0:
+            return 0, 0  # the publisher has not created it yet
         (waiting,) = con.execute("SELECT count(*) FROM outbox").fetchone()
         row = con.execute("SELECT next_seq FROM sequences WHERE source = ?", (source,)).fetchone()
     finally:

@@ -53,6 +53,23 @@ def test_only_a_receipt_deletes_and_a_missing_one_makes_it_resend_with_backoff()
     assert flow.handle(Stored(((40, 40),))) == []  # a duplicate receipt
 
 
+def test_receipts_that_stop_coming_raise_one_alarm() -> None:
+    flow = PublisherFlow(TOPIC, window=10, receipt_timeout_s=1, receipt_timeout_max_s=100)
+    at = 0.0
+    alarms = []
+    for attempt in range(5):
+        flow.handle(Published(1, seq=1, mid=10 + attempt, at=at))
+        flow.handle(PubAck(10 + attempt, 0, "Success", at=at))
+        at += 2 ** (attempt + 1)
+        actions = flow.handle(Tick(at))
+        assert actions[-1] == Resend((1,))
+        alarms += [a for a in actions if isinstance(a, Alarm)]
+    assert len(alarms) == 1
+    assert "no receipt from the gateway for readings resent 3 times" in alarms[0].message
+    assert flow.handle(Stored(((1, 1),))) == [
+        Delete((1,)), Recovered("receipts from the gateway arrive again")]
+
+
 def test_a_receipt_may_overtake_the_puback() -> None:
     flow = PublisherFlow(TOPIC, window=10)
     flow.handle(Published(1, seq=7, mid=11, at=0.0))

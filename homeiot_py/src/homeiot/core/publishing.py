@@ -149,6 +149,9 @@ class PublisherFlow:
     _retry_delay: float = RETRY_MIN_S
     _refusal: str | None = None
     _scan_at: float = 0.0  # no receipt is due before then (saves scanning every tick)
+    _no_receipts: bool = False  # alarmed that receipts stopped coming
+    _now: float | None = None  # the latest time seen
+    _receipt_at: float | None = None  # when the latest receipt came (or when we started)
 
     @property
     def in_flight(self) -> int:
@@ -238,9 +241,17 @@ class PublisherFlow:
             self._waiting.pop(row, None)
             self._refused.pop(row, None)
             self._timeouts.pop(row, None)
-        return [Delete(tuple(sorted(rows)))] if rows else []
+        actions: list[Action] = [Delete(tuple(sorted(rows)))] if rows else []
+        self._receipt_at = self._now
+        if self._no_receipts:
+            self._no_receipts = False
+            actions.append(Recovered("receipts from the gateway arrive again"))
+        return actions
 
     def _tick(self, at: float) -> list[Action]:
+        self._now = at
+        if self._receipt_at is None:
+            self._receipt_at = at
         room = self.window - len(self._in_flight)
         due: list[int] = []
         if self._refused and at >= self._retry_at:
@@ -260,5 +271,14 @@ class PublisherFlow:
             self._timeouts[row] = wait.timeout
         if at >= self._scan_at:
             self._scan_at = min((w.due for w in self._waiting.values()), default=at + 1.0)
+        actions: list[Action] = []
+        silent = at - self._receipt_at >= 8 * self.receipt_timeout_s
+        if not self._no_receipts and silent and \
+                any(self._waiting[row].timeout >= 8 * self.receipt_timeout_s for row in late):
+            self._no_receipts = True
+            actions.append(Alarm(
+                "no receipt from the gateway for readings resent 3 times; they stay in the outbox "
+                "and are resent. Is the gateway running and storing, and may it write the "
+                "receipt topic (the broker's ACL)?"))
         due += late
-        return [Resend(tuple(due))] if due else []
+        return [*actions, Resend(tuple(due))] if due else actions

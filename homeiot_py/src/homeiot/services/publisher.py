@@ -79,6 +79,7 @@ class Publisher:
         self._readings: queue.Queue[Reading] = queue.Queue()
         self._acked: queue.Queue[tuple[int, ReasonCode]] = queue.Queue()
         self._connects = 0
+        self._last_ts: dict[str, datetime] = {}
         self.receipts_topic = receipt_topic(settings.mqtt.receipt_topic, settings.source)
         self._receipts: queue.Queue[bytes] = queue.Queue()
         self.flow = PublisherFlow(self.topic, settings.window,  # pump thread only
@@ -233,9 +234,17 @@ class Publisher:
         batch: list[Reading] = []
         while True:
             try:
-                batch.append(self._readings.get_nowait())
+                reading = self._readings.get_nowait()
             except queue.Empty:
                 break
+            # InfluxDB keeps one point per source and millisecond: a second sample in the same
+            # millisecond (a meter loop catching up) would overwrite the first and show up as a
+            # lost seq. It is the same instant, not a new reading.
+            if self._last_ts.get(reading.source) == reading.ts:
+                logger.debug("dropped a second sample at %s", reading.ts)
+                continue
+            self._last_ts[reading.source] = reading.ts
+            batch.append(reading)
         if batch:
             self.outbox.add(batch)
 
