@@ -16,10 +16,12 @@ from zoneinfo import ZoneInfo
 import paho.mqtt.client as mqtt
 
 from homeiot.adapters import mqtt as mqtt_adapter
+from homeiot.adapters.deadletters import DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings, InfluxSettings
 from homeiot.core import codec
 from homeiot.core.reading import Reading
+from homeiot.services.gateway import Gateway
 from tests.conftest import mqtt_settings
 from tests.services import BASE_TOPIC, Mosquitto, free_port
 
@@ -38,7 +40,7 @@ def gateway_settings(broker: Mosquitto, influx: InfluxSettings, tmp_path: Path, 
 
 
 def gateway_env(settings: GatewaySettings, api_port: int | None = None) -> dict[str, str]:
-    """The environment that makes ``python -m homeiot.gateway`` use ``settings``."""
+    """The environment that makes ``python -m homeiot.cli.gateway`` use ``settings``."""
     m = settings.mqtt
     url = f"mqtts://{quote(m.username, safe='')}:{quote(m.password, safe='')}@{m.host}:{m.port}"
     return {
@@ -57,8 +59,35 @@ def gateway_env(settings: GatewaySettings, api_port: int | None = None) -> dict[
 
 def start_gateway_process(settings: GatewaySettings, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "homeiot.gateway"], env=gateway_env(settings),
+        return subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"], env=gateway_env(settings),
                                 stdout=out, stderr=subprocess.STDOUT)
+
+
+class RunningGateway:
+    """An in-process gateway with its own InfluxDB client and dead-letter store."""
+
+    def __init__(self, settings: GatewaySettings, *, stall_retry_s: float = 30.0,
+                 connect_timeout_s: float = 10.0) -> None:
+        self.influx = InfluxClient(settings.influx)
+        self.store = DeadLetterStore(settings.dead_letter_db)
+        self.gateway = Gateway(settings, self.influx, self.store, stall_retry_s=stall_retry_s)
+        self.closed = False
+        self.gateway.start()
+        try:
+            wait_until(lambda: self.gateway.mqtt_connected, connect_timeout_s,
+                       "the gateway to connect")
+        except AssertionError:
+            self.stop()
+            raise
+        time.sleep(0.3)  # let the SUBSCRIBE reach the broker before anyone publishes
+
+    def stop(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.gateway.stop()
+        self.store.close()
+        self.influx.close()
 
 
 def reading(seq: int, source: str = "meter1", *, step_ms: int = 1000) -> Reading:

@@ -184,6 +184,8 @@ def make_pki(directory: Path, *, dns_names: tuple[str, ...] = ("localhost",),
 #: The test users: the gateway reads everything under the base topic, each publisher writes
 #: only its own source's topic.
 BASE_TOPIC = "home/power"
+#: The gateway's receipts (end-to-end acks): only it writes, each source reads its own.
+RECEIPT_TOPIC = "homeiot/receipts"
 
 
 @dataclass
@@ -206,12 +208,8 @@ class Mosquitto:
             password_file_line(user, hash_password(pw)) + "\n" for user, pw in self.users.items()
         ))
         passwords.chmod(0o600)
-        acl = self.directory / "aclfile"
-        acl.write_text(
-            f"user gateway\ntopic read {BASE_TOPIC}/#\n\n"
-            f"user meter1\ntopic write {BASE_TOPIC}/meter1\n\n"
-            f"user meter2\ntopic write {BASE_TOPIC}/meter2\n"
-        )
+        acl = self.acl
+        self.write_acl()
         conf = self.directory / "mosquitto.conf"
         conf.write_text(
             # Started as root, Mosquitto would drop to user "mosquitto", which cannot read
@@ -238,6 +236,33 @@ class Mosquitto:
                           "tls_version tlsv1.2\n")
         self.process = ManagedProcess([binary, "-c", str(conf)], self.directory / "mosquitto.log",
                                       self.port)
+
+    @property
+    def acl(self) -> Path:
+        return self.directory / "aclfile"
+
+    def write_acl(self, writes: dict[str, tuple[str, ...]] | None = None) -> None:
+        """The ACL: the gateway reads everything under the base topic, each publisher writes only
+        its own source's topic; ``writes`` replaces a user's writable sources."""
+        sources = {"meter1": ("meter1",), "meter2": ("meter2",), **(writes or {})}
+        # The same shape as roles/mosquitto/templates/aclfile.j2.
+        text = f"user gateway\ntopic read {BASE_TOPIC}/#\ntopic write {RECEIPT_TOPIC}/#\n"
+        for user, mine in sources.items():
+            text += f"\nuser {user}\n" + "".join(f"topic write {BASE_TOPIC}/{s}\n"
+                                                  f"topic read {RECEIPT_TOPIC}/{s}\n" for s in mine)
+        self.acl.write_text(text)
+
+    def set_password(self, user: str, password: str) -> None:
+        """Change (or add) one identity's password in the password file; :meth:`reload` applies."""
+        self.users = {**self.users, user: password}
+        passwords = self.directory / "passwords"
+        passwords.write_text("".join(
+            password_file_line(u, hash_password(pw)) + "\n" for u, pw in self.users.items()))
+
+    def reload(self) -> None:
+        """SIGHUP to our broker's PID: it rereads the password file and the ACL."""
+        assert self.process.proc is not None
+        self.process.proc.send_signal(signal.SIGHUP)
 
 
 def mosquitto_client_env(directory: Path, tool: str, user: str, password: str) -> dict[str, str]:
@@ -267,6 +292,7 @@ class Influxd:
     directory: Path
     port: int
     auth_enabled: bool = False
+    max_body_size: int = 25_000_000
     process: ManagedProcess = field(init=False)
 
     @property
@@ -290,6 +316,7 @@ class Influxd:
             f'[http]\n  bind-address = "{LOOPBACK}:{self.port}"\n'
             f"  auth-enabled = {'true' if self.auth_enabled else 'false'}\n"
             "  log-enabled = false\n  max-row-limit = 0\n"
+            f"  max-body-size = {self.max_body_size}\n"
         )
         self.process = ManagedProcess([binary, "-config", str(conf)], d / "influxd.log", self.port)
 
@@ -314,8 +341,9 @@ class Influxd:
                 raise RuntimeError(f"{statement}: {result['error']}")
 
 
-def start_influxd(directory: Path, *, auth_enabled: bool = False) -> Influxd:
-    server = Influxd(directory, free_port(), auth_enabled)
+def start_influxd(directory: Path, *, auth_enabled: bool = False,
+                  max_body_size: int = 25_000_000) -> Influxd:
+    server = Influxd(directory, free_port(), auth_enabled, max_body_size)
     server.process.start()
     server.wait_ready()
     return server

@@ -22,6 +22,7 @@ from homeiot.core.errors import ConfigError, EncodingError, TopicError
 from homeiot.core.lineprotocol import DEFAULT_MEASUREMENT, escape_measurement
 from homeiot.core.link import LinkPolicy, LinkTiming
 from homeiot.core.reading import validate_source
+from homeiot.core.receipts import DEFAULT_RECEIPT_TOPIC, validate_receipt_root
 from homeiot.core.topics import subscription_filter, validate_base_topic
 
 Env = Mapping[str, str]
@@ -49,6 +50,8 @@ class MqttSettings:
     client_id: str | None = None
     keepalive_s: int = 60
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
+    #: Root of the gateway's receipts (end-to-end acks): ``{receipt_topic}/{source}``.
+    receipt_topic: str = DEFAULT_RECEIPT_TOPIC
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,21 +100,49 @@ def _float(env: Env, name: str, default: float, low: float, high: float) -> floa
     return value
 
 
-def _redacted(parts: SplitResult) -> str:
-    """The URL with any password replaced, fit for an error message."""
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username}:***@" + netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=netloc).geturl()
+def _redacted(raw: str) -> str:
+    """``raw`` fit for an error message: whatever precedes the last ``@`` after the scheme (user
+    and password, whatever characters they hold, encoded or not) and any query or fragment (which
+    may carry ``?u=…&p=…``) become ``***``."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "", raw
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    for mark in "?#":
+        if mark in rest:
+            rest = rest.split(mark, 1)[0] + mark + "***"
+    # "user:pass#word" without an "@" looks like host:port to a URL parser; a "port" that is not
+    # a number may be the start of a password, so the whole host part goes.
+    host_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    host_port = rest[:host_end]
+    if not host_port.startswith(("[", "***@")) and ":" in host_port and \
+            not host_port.rsplit(":", 1)[1].isdigit():
+        rest = "***" + rest[host_end:]
+    return f"{scheme}{sep}{rest}"
+
+
+def _split_credentials(url: str) -> tuple[SplitResult, str | None, str | None]:
+    """Split ``scheme://user:password@host:port`` at the *last* ``@``, so a password with an
+    unencoded ``#``, ``?``, ``/``, ``@`` or ``:`` is still a password (percent-encoding is decoded),
+    and parse the rest as a URL without credentials."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return urlsplit(url), None, None
+    userinfo, host_part = rest.rsplit("@", 1)
+    user, colon, password = userinfo.partition(":")
+    return (urlsplit(f"{scheme}://{host_part}"), unquote(user) if user else None,
+            unquote(password) if colon else None)
 
 
 def _port(name: str, parts: SplitResult, default: int) -> int:
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(name, f"port must be an integer 1-65535 in {_redacted(parts)!r}") from None
+        raise ConfigError(name, f"port must be an integer 1-65535 in "
+                                f"{_redacted(parts.geturl())!r}") from None
     if port == 0:
-        raise ConfigError(name, f"port must be 1-65535 in {_redacted(parts)!r}")
+        raise ConfigError(name, f"port must be 1-65535 in {_redacted(parts.geturl())!r}")
     return default if port is None else port
 
 
@@ -137,6 +168,14 @@ def load_topic(env: Env) -> str:
         raise ConfigError("MQTT_TOPIC", str(exc)) from None
 
 
+def load_receipt_topic(env: Env, base: str) -> str:
+    """``MQTT_RECEIPT_TOPIC``, the root of the gateway's receipts (default ``homeiot/receipts``)."""
+    try:
+        return validate_receipt_root(_get(env, "MQTT_RECEIPT_TOPIC") or DEFAULT_RECEIPT_TOPIC, base)
+    except TopicError as exc:
+        raise ConfigError("MQTT_RECEIPT_TOPIC", str(exc)) from None
+
+
 def load_source_default(env: Env) -> str:
     """``SOURCE_DEFAULT``, the source of a meter when none is given (default ``meter1``)."""
     try:
@@ -154,23 +193,23 @@ def load_mqtt(env: Env | None = None) -> MqttSettings:
     url = _get(env, "MQTT_BROKER_URL")
     if url is not None:
         name = "MQTT_BROKER_URL"
-        parts = urlsplit(url.strip())
+        url = url.strip()
+        parts, url_user, url_password = _split_credentials(url)
+        shown = _redacted(url)
         if parts.scheme != "mqtts":
             raise ConfigError(
-                name, f"scheme must be 'mqtts' (TLS is required), got {parts.scheme!r} in "
-                f"{_redacted(parts)!r}"
-            )
+                name, f"scheme must be 'mqtts' (TLS is required), got {shown!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ConfigError(name, f"must be mqtts://user:pass@host:port with no path or query, "
-                                    f"got {_redacted(parts)!r}")
+                                    f"got {shown!r}")
         host = parts.hostname
         if not host:
-            raise ConfigError(name, f"has no host name: {_redacted(parts)!r}")
+            raise ConfigError(name, f"has no host name: {shown!r}")
         port = _port(name, parts, DEFAULT_MQTT_PORT)
-        username = unquote(parts.username) if parts.username else _get(env, "MQTT_USER")
-        password = unquote(parts.password) if parts.password else _get(env, "MQTT_PASSWORD")
-        user_var = name if parts.username else "MQTT_USER"
-        pass_var = name if parts.password else "MQTT_PASSWORD"
+        username = url_user or _get(env, "MQTT_USER")
+        password = url_password or _get(env, "MQTT_PASSWORD")
+        user_var = name if url_user else "MQTT_USER"
+        pass_var = name if url_password else "MQTT_PASSWORD"
     else:
         host = _get(env, "MQTT_HOST")
         if host is None:
@@ -178,8 +217,9 @@ def load_mqtt(env: Env | None = None) -> MqttSettings:
         host = host.strip()
         # One ':' means "host:port" was given here; IPv6 addresses have several.
         if not host or any(c in host for c in "/@ ") or host.count(":") == 1:
+            # Not echoed: someone may have pasted user:password@host here.
             raise ConfigError("MQTT_HOST", "must be a bare host name or IP address (no scheme, "
-                                           f"port or credentials), got {host!r}")
+                                           "port, credentials or spaces)")
         port = _int(env, "MQTT_PORT", DEFAULT_MQTT_PORT, 1, 65535)
         username, password = _get(env, "MQTT_USER"), _get(env, "MQTT_PASSWORD")
         user_var, pass_var = "MQTT_USER", "MQTT_PASSWORD"
@@ -190,13 +230,15 @@ def load_mqtt(env: Env | None = None) -> MqttSettings:
     client_id = _get(env, "MQTT_CLIENT_ID")
     if client_id is not None and (len(client_id.encode()) > 65535 or not client_id.isprintable()):
         raise ConfigError("MQTT_CLIENT_ID", "must be printable and at most 65535 bytes")
+    topic = load_topic(env)
     return MqttSettings(
         host=host,
         port=port,
         username=username,
         password=password,
         ca_cert=load_ca_cert(env),
-        topic=load_topic(env),
+        topic=topic,
+        receipt_topic=load_receipt_topic(env, topic),
         client_id=client_id,
         keepalive_s=_int(env, "MQTT_KEEPALIVE_S", 60, 5, 65535),
         session_expiry_s=_int(env, "MQTT_SESSION_EXPIRY_S", DEFAULT_SESSION_EXPIRY_S, 0,
@@ -208,14 +250,17 @@ def load_influx(env: Env | None = None) -> InfluxSettings:
     """InfluxDB settings from ``INFLUXDB_*`` (see docs/configuration.md)."""
     env = os.environ if env is None else env
     raw_url = (_get(env, "INFLUXDB_URL") or DEFAULT_INFLUX_URL).strip()
-    parts = urlsplit(raw_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("INFLUXDB_URL", f"must be http(s)://host:port, got {_redacted(parts)!r}")
-    if parts.username is not None or parts.password is not None:
+    parts, url_user, url_password = _split_credentials(raw_url)
+    if url_user is not None or url_password is not None:
         raise ConfigError("INFLUXDB_URL", "must not carry credentials; use INFLUXDB_USER/"
                                           "INFLUXDB_PASSWORD or INFLUXDB_TOKEN")
     if parts.query or parts.fragment:
-        raise ConfigError("INFLUXDB_URL", f"must have no query or fragment, got {raw_url!r}")
+        # Not echoed: ?u=…&p=… is how InfluxDB 1.x takes credentials.
+        raise ConfigError("INFLUXDB_URL", "must have no query or fragment (credentials go in "
+                                          "INFLUXDB_USER/INFLUXDB_PASSWORD or INFLUXDB_TOKEN)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("INFLUXDB_URL",
+                          f"must be http(s)://host:port, got {_redacted(raw_url)!r}")
     _port("INFLUXDB_URL", parts, 8086)
     database = _get(env, "INFLUXDB_DB") or DEFAULT_INFLUX_DB
     if not database.isprintable() or '"' in database:
@@ -410,6 +455,8 @@ class PublisherSettings:
     outbox_max_age_days: float = 30.0
     backlog_rate: float = 100.0
     window: int = 100
+    receipt_timeout_s: float = 30.0
+    unreceipted_max: int = 10_000
     seed: int = 1
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo(DEFAULT_TIMEZONE))
     broute_id: str = field(default="", repr=False)
@@ -486,6 +533,8 @@ def load_publisher(env: Env | None = None) -> PublisherSettings:
         outbox_max_age_days=max_age_days,
         backlog_rate=_float(env, "PUBLISHER_BACKLOG_RATE", 100.0, 1.0, 100_000.0),
         window=_int(env, "PUBLISHER_WINDOW", 100, 1, 10_000),
+        receipt_timeout_s=_float(env, "PUBLISHER_RECEIPT_TIMEOUT_S", 30.0, 0.1, 3600.0),
+        unreceipted_max=_int(env, "PUBLISHER_UNRECEIPTED_MAX", 10_000, 1, 1_000_000),
         seed=_int(env, "SIMULATED_SEED", 1, 0, 2**31),
         timezone=load_timezone(env),
     )

@@ -78,7 +78,8 @@ def test_auth_is_required(client: TestClient, path: str) -> None:
 
 def test_health_needs_no_auth_and_says_nothing(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"ready": True, "mqtt": True, "influxdb": True}
+    assert client.get("/readyz").json() == {"ready": True, "mqtt": True, "influxdb": True,
+                                             "reasons": []}
 
 
 def test_latest(client: TestClient) -> None:

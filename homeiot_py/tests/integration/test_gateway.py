@@ -16,15 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from homeiot.adapters.deadletters import DeadLetterStore
+from homeiot.adapters.deadletters import DeadLetter, DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings, InfluxSettings
 from homeiot.core import codec
-from homeiot.services.gateway import Gateway
+from homeiot.core.reading import Reading
 from tests.conftest import USERS
 from tests.gateway_support import (
     T0,
     Publisher,
+    RunningGateway,
     count_points,
     gateway_settings,
     reading,
@@ -35,23 +36,6 @@ from tests.gateway_support import (
 from tests.services import Mosquitto, Pki, start_influxd, start_mosquitto
 
 pytestmark = pytest.mark.integration
-
-
-class RunningGateway:
-    """An in-process gateway with its own InfluxDB client and dead-letter store."""
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.influx = InfluxClient(settings.influx)
-        self.store = DeadLetterStore(settings.dead_letter_db)
-        self.gateway = Gateway(settings, self.influx, self.store)
-        self.gateway.start()
-        wait_until(lambda: self.gateway.mqtt_connected, 10, "the gateway to connect")
-        time.sleep(0.3)  # let the SUBSCRIBE reach the broker before anyone publishes
-
-    def stop(self) -> None:
-        self.gateway.stop()
-        self.store.close()
-        self.influx.close()
 
 
 @pytest.fixture
@@ -152,9 +136,34 @@ def test_invalid_payloads_become_dead_letters_and_can_be_replayed(
     # Once the cause is gone (here: the future timestamp became the present), a replay stores it.
     env = {"GATEWAY_MAX_FUTURE_S": str(4 * 86400)}
     result = _cli(settings, ["replay-dead-letters"], env)
-    assert "replayed 1, still invalid 3" in result.stdout, result.stdout + result.stderr
+    assert "replayed 1, still invalid 3, refused by InfluxDB 0" in result.stdout, \
+        result.stdout + result.stderr
     assert store.count() == 3
     assert count_points(influx_db) == 3
+    store.close()
+
+
+def test_replay_goes_on_past_a_letter_influxdb_refuses(
+        broker: Mosquitto, influx_db: InfluxSettings, tmp_path: Path) -> None:
+    settings = gateway_settings(broker, influx_db, tmp_path)
+    # current_t_a exists as an integer in this shard, so a letter carrying it as a float is
+    # refused (field type conflict, lines not named); the letters before and after are stored.
+    with InfluxClient(influx_db) as client:
+        client.write([f"meter_readings,source=other current_t_a=1i {int(T0.timestamp() * 1000)}"])
+    conflicting = Reading("meter1", T0 + timedelta(seconds=5), 5, 10.0, current_t_a=2.5)
+    store = DeadLetterStore(settings.dead_letter_db)
+    payloads = [codec.encode(reading(i)) for i in range(5)] + [codec.encode(conflicting)] + \
+        [codec.encode(reading(i)) for i in range(6, 10)] + [b"still not json"]
+    store.add([DeadLetter("home/power/meter1", p, "InfluxDB was down", T0) for p in payloads])
+    result = _cli(settings, ["replay-dead-letters"], {})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "replayed 9, still invalid 1, refused by InfluxDB 1" in result.stdout, result.stdout
+    assert "InfluxDB refused it" in result.stderr
+    assert "field type conflict" in result.stderr
+    left = [s.letter for s in store.list()]
+    assert [letter.payload for letter in left] == [codec.encode(conflicting), b"still not json"]
+    assert "field type conflict" in left[0].error
+    assert stored_seqs(influx_db) == [i for i in range(10) if i != 5]
     store.close()
 
 
@@ -163,7 +172,7 @@ def _cli(settings: GatewaySettings, args: list[str], extra: dict[str, str]
     import sys  # noqa: PLC0415
 
     from tests.gateway_support import gateway_env  # noqa: PLC0415
-    return subprocess.run([sys.executable, "-m", "homeiot.gateway", *args],
+    return subprocess.run([sys.executable, "-m", "homeiot.cli.gateway", *args],
                           env={**gateway_env(settings), **extra}, capture_output=True, text=True,
                           timeout=60, check=False)
 
@@ -301,7 +310,7 @@ def test_drill_influxdb_down_for_30_seconds_under_load(
         publisher.wait_all()
         assert not gw.gateway.influx_ok
         # Flow control: no more than Receive Maximum messages are held while InfluxDB is down.
-        assert gw.gateway._pending <= gw.gateway.receive_maximum
+        assert gw.gateway.pending <= gw.gateway.receive_maximum
         server.process.start()
         server.wait_ready()
         wait_until(lambda: count_points(influx) == 3300, 90, "all 3300 readings")

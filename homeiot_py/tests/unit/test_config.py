@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -180,3 +181,47 @@ def test_gateway_errors_name_the_variable(ca: str, env: dict[str, str], variable
         load_gateway(_gateway_env(ca, **env))
     assert info.value.variable == variable
     assert message in str(info.value)
+
+
+ODD = "p#ss?w/rd@h:st% 1"
+
+
+@pytest.mark.parametrize("password", [ODD, "a b", "x@y", "q?u=1&p=2", "50%off", "a:b/c#d"])
+def test_unencoded_passwords_parse_and_encoded_ones_too(ca: str, password: str) -> None:
+    for written in (password, quote(password, safe="")):
+        settings = load_mqtt({"MQTT_BROKER_URL": f"mqtts://meter1:{written}@broker.lan:8883",
+                              "MQTT_TLS_CA_CERT": ca})
+        assert (settings.username, settings.host, settings.port) == ("meter1", "broker.lan", 8883)
+        if written != password or "%" not in password:
+            assert settings.password == password
+
+
+SECRET_CASES = [
+    {"MQTT_BROKER_URL": f"mqtt://meter1:{ODD}@h:8883"},            # parses; wrong scheme
+    {"MQTT_BROKER_URL": f"mqtts://meter1:{ODD}@h:88x3"},           # parses; bad port
+    {"MQTT_BROKER_URL": f"mqtts://meter1:{ODD}@h:8883/path?q=1"},  # parses; path
+    {"MQTT_BROKER_URL": f"mqtts://meter1:{ODD}@"},                 # no host
+    {"MQTT_BROKER_URL": "mqtts://meter1:p#ss?w/rd h:st% 1"},       # no "@": does not parse
+    {"MQTT_BROKER_URL": f"mqtts//meter1:{ODD}@h"},                 # no "://"
+    {"MQTT_HOST": f"meter1:{ODD}@h", "MQTT_USER": "u", "MQTT_PASSWORD": "x"},
+    {"MQTT_HOST": f"{ODD}", "MQTT_USER": "u", "MQTT_PASSWORD": "x"},
+]
+
+
+@pytest.mark.parametrize("env", SECRET_CASES)
+def test_no_password_in_any_mqtt_error(ca: str, env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_mqtt({"MQTT_TLS_CA_CERT": ca, **env})
+    message = str(info.value)
+    for fragment in ("p#ss", "w/rd", "h:st", "st% 1", quote(ODD, safe=""), "rd h"):
+        assert fragment not in message, message
+
+
+@pytest.mark.parametrize("url", [
+    "http://influx:8086?u=admin&p=s3cr%23t p#w", "http://influx:8086/?p=s3cr%23t",
+    "http://admin:s3cr#t p@influx:8086", "ftp://admin:s3cr#t@influx", "http://influx:8086#s3cr",
+])
+def test_no_password_in_any_influx_error(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_influx({"INFLUXDB_URL": url})
+    assert "s3cr" not in str(info.value), str(info.value)

@@ -3,7 +3,7 @@
 #
 #   mqtt-checks.sh DIR
 #
-# DIR holds ca.crt and, per identity (gateway, meter1, wrongpw), DIR/<identity>/mosquitto_pub and
+# DIR holds ca.crt and, per identity (gateway, meter1, meter2, wrongpw), DIR/<identity>/mosquitto_pub and
 # mosquitto_sub option files with the host, port, CA and credentials — credentials never go on a
 # command line. Prints PASS/FAIL per check; exits 1 when any check failed.
 set -uo pipefail
@@ -123,5 +123,23 @@ for t in "$topic/#" "$topic/meter1" "#"; do
     elif grep -q "$msg" "$dir/read-meter1.out"; then fail "read $t" "meter1 read a message on $t"
     else pass "meter1 reads nothing on $t"; fi
 done
+
+# 5. Receipts (what InfluxDB stored): only the gateway writes them, only their source reads them.
+#    meter1's forged receipt must be dropped, so the first one meter1 gets is the gateway's;
+#    meter2, subscribed at the same time, gets nothing.
+receipts=homeiot/receipts
+forged=$(token forged) real=$(token receipt)
+subscribe meter1 "$receipts/meter1" 10 "$dir/receipt-meter1.out"
+m1=$!
+subscribe meter2 "$receipts/#" 5 "$dir/receipt-meter2.out"
+m2=$!
+as meter1 mosquitto_pub -t "$receipts/meter1" -q 1 -m "$forged" >/dev/null 2>&1
+as gateway mosquitto_pub -t "$receipts/meter1" -q 1 -m "$real" >/dev/null 2>&1
+wait "$m1" "$m2"
+if ! grep -qx "$real" "$dir/receipt-meter1.out"; then
+    fail "receipts" "meter1 received: $(cat "$dir/receipt-meter1.out")"
+elif grep -q "verify-" "$dir/receipt-meter2.out"; then
+    fail "receipts" "meter2 read meter1's receipt: $(cat "$dir/receipt-meter2.out")"
+else pass "only the gateway writes meter1's receipts and only meter1 reads them"; fi
 
 [ "$failures" -eq 0 ] || { echo "$failures check(s) failed"; exit 1; }

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from homeiot.core.errors import ConfigError
+from homeiot.core.errors import ConfigError, StorageError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -72,15 +72,20 @@ class DeadLetterStore:
         if not rows:
             return 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO dead_letters (received_at, topic, payload, error) VALUES (?,?,?,?)",
-                    rows)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO dead_letters (received_at, topic, payload, error) "
+                        "VALUES (?,?,?,?)", rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot store {len(rows)} dead letter(s) in "
+                                   f"{str(self.path)!r}: {exc}") from exc
         return len(rows)
 
     def count(self) -> int:

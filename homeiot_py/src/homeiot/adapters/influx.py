@@ -33,6 +33,7 @@ from homeiot.core.errors import (
     InfluxRejectedError,
     InfluxUnavailableError,
 )
+from homeiot.core.writes import WriteAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,27 @@ class InfluxClient:
             self._request("POST", "/write", params=params, content=body,
                           headers={"Content-Type": "text/plain; charset=utf-8"})
         return len(lines)
+
+    def write_answer(self, lines: Sequence[str]) -> WriteAnswer:
+        """Send ``lines`` in one ``POST /write`` and return InfluxDB's answer as it is — the
+        gateway's policy table (:mod:`homeiot.core.writes`) decides what it means. No answer at
+        all (a timeout, no connection) is status None."""
+        params = {"db": self.settings.database, "precision": "ms"}
+        if self.settings.retention_policy:
+            params["rp"] = self.settings.retention_policy
+        try:
+            response = self._http.post("/write", params=params, content="\n".join(lines).encode(),
+                                       headers={"Content-Type": "text/plain; charset=utf-8"})
+        except httpx.TimeoutException as exc:
+            return WriteAnswer(None, f"InfluxDB timed out: {exc}")
+        except httpx.TransportError as exc:
+            return WriteAnswer(None, f"cannot reach InfluxDB: {exc}")
+        if response.status_code < 300:
+            return WriteAnswer(response.status_code)
+        text = _error_text(response)
+        refused = parse_write_error(text)[0] if response.status_code == 400 else ()
+        return WriteAnswer(response.status_code, f"{response.status_code}: {text}",
+                           tuple(refused))
 
     def execute(self, statement: str) -> list[dict[str, Any]]:
         """Run an administrative or small InfluxQL statement with ``POST /query``; returns results.

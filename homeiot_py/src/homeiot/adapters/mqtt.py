@@ -8,6 +8,7 @@ Connection failures become ``homeiot`` errors that say what to do: :class:`MqttT
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from typing import Any, cast
@@ -43,6 +44,83 @@ class _ClosingSSLSocket(ssl.SSLSocket):
             raise
 
 
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})
+
+
+def diagnose(settings: MqttSettings, timeout_s: float = 5.0) -> str:  # noqa: PLR0911 - one answer per step
+    """Why connecting to the broker fails, in words an operator can act on.
+
+    paho's background connect only says that it failed. This repeats the steps it takes — name
+    lookup, TCP connect, TLS handshake with our context — and reports the first that fails and
+    why. It never names the password (it does not use it).
+    """
+    host, port = settings.host, settings.port
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve the broker's name {host!r}: {exc.strerror or exc}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except ConnectionRefusedError:
+        return (f"the connection to {host}:{port} was refused: no broker listens there (is it "
+                "running, is the port right?)")
+    except TimeoutError:
+        return f"no answer from {host}:{port} within {timeout_s:.0f} s (a firewall, a wrong address?)"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+    try:
+        with tls_context(str(settings.ca_cert)).wrap_socket(sock, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in _NAME_MISMATCH:
+            return (f"TLS: {host!r} is not in the broker certificate's SAN ({exc.verify_message}); "
+                    "connect by a name or IP the certificate lists, or reissue it with this one")
+        return (f"TLS: the broker's certificate was refused ({exc.verify_message}); check that "
+                "MQTT_TLS_CA_CERT is the CA that signed it")
+    except ssl.SSLError as exc:
+        return f"TLS handshake with {host}:{port} failed: {exc.reason or exc}"
+    except OSError as exc:
+        return f"TLS handshake with {host}:{port} failed: {exc.strerror or exc}"
+    finally:
+        sock.close()
+    return f"TCP and TLS to {host}:{port} work, but the MQTT connection failed"
+
+
+def refusal(reason: ReasonCode) -> str:
+    """A CONNACK refusal in words."""
+    if reason.value in AUTH_REASONS:
+        return (f"the broker refused our credentials ({reason}); check the user and password in "
+                "MQTT_BROKER_URL (or MQTT_USER/MQTT_PASSWORD) and the broker's password file")
+    return f"the broker refused the connection: {reason}"
+
+
+class ConnectionReport:
+    """Logs a connection problem at ERROR once per change of reason, and the recovery at INFO."""
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self._log = log
+        self._what = what
+        self.problem: str | None = None
+
+    def failed(self, reason: str) -> None:
+        if reason != self.problem:
+            self._log.error("%s: cannot connect to the broker: %s; retrying", self._what, reason)
+            self.problem = reason
+
+    def connected(self) -> None:
+        if self.problem is not None:
+            self._log.info("%s: connected to the broker again", self._what)
+        self.problem = None
+
+
+class _QuietPaho(logging.Filter):
+    """paho logs "Client is not connected" at ERROR on every retry; we report the reason once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Client is not connected" not in record.getMessage()
+
+
 def tls_context(ca_cert: str) -> ssl.SSLContext:
     """A client TLS context that trusts only ``ca_cert``, checks host names, and speaks TLS ≥ 1.2."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_cert)
@@ -74,7 +152,10 @@ def create_client(
     client.tls_set_context(tls_context(str(settings.ca_cert)))
     client.username_pw_set(settings.username, settings.password)
     client.reconnect_delay_set(min_delay=1, max_delay=10)
-    client.enable_logger(logging.getLogger("paho"))
+    paho_logger = logging.getLogger("paho")
+    if not any(isinstance(f, _QuietPaho) for f in paho_logger.filters):
+        paho_logger.addFilter(_QuietPaho())
+    client.enable_logger(paho_logger)
     return client
 
 

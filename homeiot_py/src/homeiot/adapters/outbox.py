@@ -1,5 +1,5 @@
 """The publisher's outbox: every reading is committed here (SQLite, WAL) before it is published,
-and deleted only when the broker acknowledged it (PUBACK).
+and deleted only when the gateway's receipt says InfluxDB stored it (a PUBACK is not enough).
 
 The outbox also owns each source's ``seq``: the next number is stored in the same transaction as
 the reading, so numbers keep increasing across restarts and a gap downstream means a real loss.
@@ -139,6 +139,12 @@ class Outbox:
             "SELECT id, source, seq, payload FROM outbox WHERE id > ? AND id <= ? ORDER BY id "
             "LIMIT ?", (after_id, until_id, limit)).fetchall()
         return [OutboxRow(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def get(self, row_id: int) -> OutboxRow | None:
+        """One row by id, or None when it is gone."""
+        r = self._db.execute("SELECT id, source, seq, payload FROM outbox WHERE id = ?",
+                             (row_id,)).fetchone()
+        return OutboxRow(r[0], r[1], r[2], bytes(r[3])) if r else None
 
     def max_id(self) -> int:
         (value,) = self._db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()

@@ -102,6 +102,12 @@ class InfluxQueryError(InfluxRejectedError):
     """An InfluxQL statement failed (syntax, unknown database …)."""
 
 
+class StorageError(HomeIotError):
+    """A local store (SQLite: the dead letters, the outbox) cannot be written — a full or
+    read-only disk, a lock held too long. Nothing that depends on it may be acknowledged; the
+    process stops loudly rather than going on without it."""
+
+
 class MeterUnavailableError(TransientError):
     """The meter or the Wi-SUN dongle did not answer; the backend reconnects with backoff."""
 

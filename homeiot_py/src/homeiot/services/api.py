@@ -59,6 +59,9 @@ class ApiContext:
     source_default: str
     mqtt_connected: Callable[[], bool]
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    #: Why the gateway cannot do its job right now (writer dead or stalled, InfluxDB refusing,
+    #: broker unreachable); empty when all is well.
+    problems: Callable[[], list[str]] = list
 
 
 class ReadingOut(BaseModel):
@@ -116,6 +119,7 @@ class Readiness(BaseModel):
     ready: bool
     mqtt: bool
     influxdb: bool
+    reasons: list[str] = []
 
 
 def _bad(message: str) -> HTTPException:
@@ -183,14 +187,19 @@ def healthz() -> Health:
 
 @health.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(ctx: Ctx) -> JSONResponse:
-    """Readiness: connected to the broker and InfluxDB answers."""
+    """Readiness: connected to the broker, InfluxDB answers and stores, the writer is alive and
+    making progress. A 503 says why in ``reasons``."""
     try:
         ctx.influx.ping()
         influx_ok = True
     except (TransientError, RejectedError):
         influx_ok = False
     mqtt_ok = ctx.mqtt_connected()
-    body = Readiness(ready=influx_ok and mqtt_ok, mqtt=mqtt_ok, influxdb=influx_ok)
+    reasons = ctx.problems()
+    if not influx_ok:
+        reasons = ["InfluxDB does not answer its ping", *reasons]
+    body = Readiness(ready=influx_ok and mqtt_ok and not reasons, mqtt=mqtt_ok,
+                     influxdb=influx_ok, reasons=reasons)
     return JSONResponse(status_code=200 if body.ready else 503, content=body.model_dump())
 
 

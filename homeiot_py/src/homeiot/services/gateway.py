@@ -1,8 +1,10 @@
 """The gateway: MQTT → InfluxDB with at-least-once delivery.
 
-Messages arrive on paho's network thread, are decoded at once (``core``) and collected into a
-batch. A writer thread writes each batch to InfluxDB and only then acknowledges its messages, in
-arrival order (MQTT v5, ``manual_ack``). The session is persistent (fixed client id,
+Messages arrive on paho's network thread, are decoded at once (``core``) and fed to the delivery
+state machine (:mod:`homeiot.core.batching`), which batches them and decides what to write, what
+to set aside and what to acknowledge. A writer thread carries out its actions: it writes each batch
+to InfluxDB and only then acknowledges its messages, in arrival order (MQTT v5, ``manual_ack``),
+and never on a connection other than the one that delivered them. The session is persistent (fixed client id,
 ``clean_start=False``, a session expiry), so what is published while the gateway is down waits in
 the broker. ``Receive Maximum`` caps the unacknowledged messages the broker sends us, which bounds
 memory while InfluxDB is down: the backlog stays in the broker.
@@ -20,7 +22,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,11 +35,11 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.deadletters import DeadLetter, DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings
-from homeiot.core import codec
-from homeiot.core.errors import HomeIotError, InfluxPartialWriteError, InvalidDataError
-from homeiot.core.lineprotocol import encode_reading
-from homeiot.core.reading import check_not_future
-from homeiot.core.topics import source_from_topic, subscription_filter
+from homeiot.core import batching, receipts, writes
+from homeiot.core.batching import GatewayFlow
+from homeiot.core.ingest import Rejection, Rules, ingest
+from homeiot.core.receipts import receipt_topic
+from homeiot.core.topics import subscription_filter
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +47,6 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_FLUSH_S = 8.0
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 10.0
-
-
-@dataclass(slots=True)
-class _Item:
-    """One received message on its way to InfluxDB (or to the dead letters)."""
-
-    mid: int
-    qos: int
-    generation: int
-    topic: str
-    payload: bytes
-    received_at: datetime
-    line: str | None = None
-    error: str | None = None
-    source: str | None = None
-    ts: datetime | None = None
 
 
 class _LastReadingAge(Collector):
@@ -97,6 +82,18 @@ class GatewayMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.backlog = Gauge("homeiot_backlog_messages",
                              "Messages received but not yet acknowledged", registry=r)
+        self.stored_by_source = Counter("homeiot_source_points_written",
+                                        "Points accepted by InfluxDB, per source", ["source"],
+                                        registry=r)
+        self.dead_by_source = Counter("homeiot_source_dead_letters",
+                                      "Dead letters per source (topic's last level)", ["source"],
+                                      registry=r)
+        self.seq_gaps = Counter("homeiot_source_seq_gaps",
+                                "Readings skipped in a source's seq as received (a backlog may "
+                                "fill them later)", ["source"], registry=r)
+        self.unacked = Gauge("homeiot_source_unacked_messages",
+                             "Messages received but not yet acknowledged, per source",
+                             ["source"], registry=r)
         r.register(_LastReadingAge(last_reading, clock))
 
 
@@ -106,30 +103,36 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, influx: InfluxClient,
                  dead_letters: DeadLetterStore, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None,
+                 stall_retry_s: float = writes.STALL_RETRY_S) -> None:
         self.settings = settings
         self.influx = influx
         self.dead_letters = dead_letters
         self._clock = clock
         self._on_fatal = on_fatal
-        self._max_ahead = timedelta(seconds=settings.max_future_s)
-        self._measurement = settings.influx.measurement
+        self._stall_retry_s = stall_retry_s
+        self._rules = Rules(settings.mqtt.topic, settings.influx.measurement,
+                            timedelta(seconds=settings.max_future_s))
         self._topic_filter = subscription_filter(settings.mqtt.topic, settings.share_group)
         self.last_reading: dict[str, datetime] = {}
         self.metrics = GatewayMetrics(self.last_reading, clock)
         self.fatal_error: str | None = None
+        self.exit_code = 0
+        self.heartbeat = 0.0
+        self.mqtt_problem: str | None = None
+        self._last_seq: dict[str, int] = {}
+        self._gauged: set[str] = set()
         self.mqtt_connected = False
         self.influx_ok = True
+        self.influx_problem: str | None = None
+        self._influx_key: str | None = None
         # The broker sends at most this many unacknowledged messages: two batches, so one fills
         # while the other is written.
         self.receive_maximum = min(65535, 2 * settings.batch_size)
 
-        self._lock = threading.Lock()
-        self._batch: list[_Item] = []
-        self._batch_started = 0.0
-        self._ready: queue.Queue[list[_Item]] = queue.Queue()
-        self._pending = 0
-        self._generation = 0
+        self._lock = threading.Lock()  # guards the flow: paho's thread and the writer feed it
+        self.flow = GatewayFlow(settings.batch_size, settings.batch_age_s)
+        self._ready: queue.Queue[batching.Action] = queue.Queue()
         self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="gateway-writer", daemon=True)
         self._client = mqtt_adapter.create_client(settings.mqtt, client_id=settings.client_id,
@@ -138,6 +141,7 @@ class Gateway:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_connect_fail = self._on_connect_fail
+        self._report = mqtt_adapter.ConnectionReport(logger, "gateway")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -164,21 +168,34 @@ class Gateway:
             logger.warning("gateway stop: flush unfinished after %.1f s; the broker redelivers "
                            "the rest", timeout_s)
         mqtt_adapter.close(self._client)
-        logger.info("gateway stopped: pending=%d", self._pending)
+        logger.info("gateway stopped: pending=%d", self.pending)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet settled (acknowledged or left to the broker)."""
+        with self._lock:
+            return self.flow.pending
 
     # --- paho callbacks (network thread) --------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
         if reason.is_failure:
-            logger.error("broker refused the connection: %s", reason)
+            self.mqtt_problem = mqtt_adapter.refusal(reason)
+            self._report.failed(self.mqtt_problem)
             if reason.value in mqtt_adapter.AUTH_REASONS:
                 self._fatal(f"the broker refused our credentials ({reason}); check MQTT_USER/"
                             "MQTT_PASSWORD or MQTT_BROKER_URL")
             return
         with self._lock:
-            self._generation += 1  # acks for messages of earlier connections are void now
+            self.flow.handle(batching.Connected())  # acks of earlier connections are void now
         self.mqtt_connected = True
+        self.mqtt_problem = None
+        self._report.connected()
         if not flags.session_present:
             logger.warning("broker had no session for %s: messages published while we were away "
                            "(if any) were not kept", self.settings.client_id)
@@ -186,12 +203,15 @@ class Gateway:
         logger.info("connected: session_present=%s", flags.session_present)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        logger.warning("cannot connect to the broker at %s:%s; retrying",
-                       self.settings.mqtt.host, self.settings.mqtt.port)
+        self.mqtt_problem = mqtt_adapter.diagnose(self.settings.mqtt)
+        self._report.failed(self.mqtt_problem)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
+        with self._lock:  # from now on nothing of that connection is acknowledged
+            self.flow.handle(batching.Disconnected())
         self.mqtt_connected = False
+        self.mqtt_problem = f"disconnected: {reason}"
         if not self._stopping.is_set():
             logger.warning("disconnected from the broker: %s; reconnecting", reason)
 
@@ -199,117 +219,198 @@ class Gateway:
         # paho issue #472: callbacks registered per "$share/..." filter never fire, so every
         # message comes through this one on_message.
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
-        item = _Item(msg.mid, msg.qos, self._generation, msg.topic, payload, self._clock())
-        try:
-            source = source_from_topic(self.settings.mqtt.topic, msg.topic)
-            reading = check_not_future(codec.decode(payload, source), item.received_at,
-                                       self._max_ahead)
-            item.line = encode_reading(reading, self._measurement)
-            item.source, item.ts = source, reading.ts
-        except InvalidDataError as exc:
-            item.error = str(exc)
+        message = self._ingest(msg.mid, msg.qos, msg.topic, payload, self._clock())
         self.metrics.received.inc()
+        if message.source is not None and message.seq is not None:
+            last = self._last_seq.get(message.source)
+            if last is not None and message.seq > last + 1:
+                self.metrics.seq_gaps.labels(message.source).inc(message.seq - last - 1)
+            if last is None or message.seq > last:
+                self._last_seq[message.source] = message.seq
         with self._lock:
-            if not self._batch:
-                self._batch_started = time.monotonic()
-            self._batch.append(item)
-            self._pending += 1
-            if len(self._batch) >= self.settings.batch_size:
-                self._ready.put(self._batch)
-                self._batch = []
+            actions = self.flow.handle(batching.Received(message, time.monotonic()))
+        for action in actions:
+            self._ready.put(action)  # a full batch: Write or DeadLetter
+
+    def _ingest(self, mid: int, qos: int, topic: str, payload: bytes,
+                received_at: datetime) -> batching.Message:
+        outcome = ingest(self._rules, topic, payload, received_at)
+        if isinstance(outcome, Rejection):
+            return batching.Message(mid, qos, topic, payload, received_at,
+                                    rejection=outcome.reason)
+        return batching.Message(mid, qos, topic, payload, received_at, outcome.line,
+                                outcome.source, outcome.seq, outcome.ts)
 
     # --- writer thread --------------------------------------------------------------------------
 
-    def _take_aged_batch(self, force: bool) -> list[_Item] | None:
-        with self._lock:
-            if self._batch and (force or time.monotonic() - self._batch_started
-                                >= self.settings.batch_age_s):
-                batch, self._batch = self._batch, []
-                return batch
-        return None
-
     def _write_loop(self) -> None:
+        try:
+            self._write_loop_inner()
+        except BaseException as exc:  # a dead writer must stop the process, never go quiet
+            logger.critical("the writer thread died: %s: %s; nothing more is acknowledged, "
+                            "stopping", type(exc).__name__, exc, exc_info=True)
+            self._fatal(f"the writer thread died: {type(exc).__name__}: {exc}", exit_code=1)
+
+    def _write_loop_inner(self) -> None:
         age = self.settings.batch_age_s
+        last_gauges = 0.0
         deadline: float | None = None
         while True:
             stopping = self._stopping.is_set()
             if stopping and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_FLUSH_S
             try:
-                batch: list[_Item] | None = self._ready.get(timeout=min(age / 4, 0.05)
-                                                            if not stopping else 0)
+                actions: list[batching.Action] = [self._ready.get(timeout=min(age / 4, 0.05)
+                                                                  if not stopping else 0)]
             except queue.Empty:
-                batch = self._take_aged_batch(force=stopping)
-            if batch:
-                if not self._flush(batch, deadline):
+                with self._lock:
+                    actions = self.flow.handle(batching.Tick(time.monotonic(), flush=stopping))
+                if not actions and stopping and self._ready.empty():
                     return
-            elif stopping:
+            self.heartbeat = time.monotonic()
+            if not self._carry_out(actions, deadline):
                 return
-            self.metrics.backlog.set(self._pending)
+            self.heartbeat = time.monotonic()
+            self.metrics.backlog.set(self.pending)
+            if self.heartbeat - last_gauges >= 1.0:
+                last_gauges = self.heartbeat
+                with self._lock:
+                    by_source = self.flow.pending_by_source()
+                seen = set(self._last_seq.copy())  # copy(): atomic, paho's thread adds to it
+                for source in set(by_source) | self._gauged | seen:
+                    self.metrics.unacked.labels(source).set(by_source.get(source, 0))
+                self._gauged |= set(by_source)
 
-    def _flush(self, batch: list[_Item], deadline: float | None) -> bool:
-        """Store a batch and acknowledge it; False when shutdown came first (nothing acked)."""
-        started = time.monotonic()
-        lines = [item.line for item in batch if item.line is not None]
-        if lines and not self._write(lines, batch, deadline):
-            return False
-        letters = [DeadLetter(i.topic, i.payload, i.error, i.received_at)
-                   for i in batch if i.error is not None]
-        if letters:
-            self.dead_letters.add(letters)
-            self.metrics.dead.inc(len(letters))
-            logger.warning("dead letters: %d (first: topic=%s error=%s)", len(letters),
-                           letters[0].topic, letters[0].error)
-        with self._lock:
-            generation = self._generation
-        for item in batch:  # arrival order
-            if item.generation == generation:
-                self._client.ack(item.mid, item.qos)
-            if item.ts is not None and item.error is None:
-                newest = self.last_reading.get(item.source or "")
-                if newest is None or item.ts > newest:
-                    self.last_reading[item.source or ""] = item.ts
-        with self._lock:
-            self._pending -= len(batch)
-        self.metrics.written.inc(sum(1 for i in batch if i.line is not None and i.error is None))
-        self.metrics.batch_latency.observe(time.monotonic() - started)
+    def _carry_out(self, actions: list[batching.Action], deadline: float | None) -> bool:
+        """Carry out the flow's actions (and those they lead to); False when shutdown's deadline
+        passed first (nothing more is acknowledged: the broker redelivers)."""
+        todo = list(actions)
+        while todo:
+            action = todo.pop(0)
+            match action:
+                case batching.Write(batch_id, lines):
+                    started = time.monotonic()
+                    written = self._write(batch_id, list(lines), deadline)
+                    if written is None:
+                        return False
+                    self.metrics.batch_latency.observe(time.monotonic() - started)
+                    with self._lock:
+                        todo[:0] = self.flow.handle(written)
+                case batching.DeadLetter(batch_id, letters):
+                    self.dead_letters.add([DeadLetter(lt.topic, lt.payload, lt.error,
+                                                      lt.received_at) for lt in letters])
+                    self.metrics.dead.inc(len(letters))
+                    for letter in letters:
+                        self.metrics.dead_by_source.labels(letter.topic.rsplit("/", 1)[-1]).inc()
+                    logger.warning("dead letters: %d (first: topic=%s error=%s)", len(letters),
+                                   letters[0].topic, letters[0].error)
+                    with self._lock:
+                        todo[:0] = self.flow.handle(batching.DeadLettered(batch_id))
+                case batching.Ack(mid, qos):
+                    self._client.ack(mid, qos)
+                case batching.Receipt(source, ranges):
+                    # QoS 1; if it is lost, the publisher resends and we store and say it again.
+                    self._client.publish(receipt_topic(self.settings.mqtt.receipt_topic, source),
+                                         receipts.encode(ranges), qos=1)
+                case batching.Settled(_, stored, _, _):
+                    self.metrics.written.inc(len(stored))
+                    for message in stored:
+                        self.metrics.stored_by_source.labels(message.source).inc()
+                    for message in stored:
+                        if message.source is None or message.ts is None:
+                            continue  # stored messages always have both; typing cannot tell
+                        newest = self.last_reading.get(message.source)
+                        if newest is None or message.ts > newest:
+                            self.last_reading[message.source] = message.ts
         return True
 
-    def _write(self, lines: list[str], batch: list[_Item], deadline: float | None) -> bool:
-        """Write until InfluxDB accepts (retrying with capped, jittered backoff); lines it refuses
-        for good become dead letters. False when shutdown's deadline passed first."""
-        delay = _BACKOFF_MIN_S
+    def _write(self, batch_id: int, lines: list[str],
+               deadline: float | None) -> batching.Written | None:
+        """Store ``lines`` following InfluxDB's answers (:mod:`homeiot.core.writes`); the answer
+        for the flow names what InfluxDB refused for good. None when shutdown's deadline passed
+        first (nothing is acknowledged then)."""
+        reasons: list[str] = []
+        refused = self._store(lines, deadline, reasons)
+        if refused is None:
+            return None
+        return batching.Written(batch_id, frozenset(refused), reason="; ".join(reasons[:3]))
+
+    def _store(self, lines: list[str], deadline: float | None,
+               reasons: list[str]) -> set[str] | None:
+        delay: float | None = None
         while True:
-            try:
-                self.influx.write(lines, batch_size=len(lines))
-            except InfluxPartialWriteError as exc:
-                self._set_aside(batch, exc)
-                self.influx_ok = True
-                return True
-            except HomeIotError as exc:
-                self.influx_ok = False
-                self.metrics.write_errors.inc()
-                logger.warning("InfluxDB write failed, %d points held (not acknowledged), retry in "
-                               "%.1f s: %s", len(lines), delay, exc)
+            answer = self.influx.write_answer(lines)
+            decision = writes.policy(answer)
+            if decision is writes.Policy.PARTIAL and not set(answer.refused) <= set(lines):
+                decision = writes.Policy.ISOLATE  # it named lines we cannot match: find them
+            if decision is writes.Policy.WRITTEN:
+                self._influx_answering()
+                return set()
+            if decision is writes.Policy.PARTIAL:
+                self._influx_answering()
+                reasons.append(answer.text)
+                return set(answer.refused)
+            if decision in (writes.Policy.SPLIT, writes.Policy.ISOLATE):
+                self._influx_answering()
+                if len(lines) == 1:
+                    reasons.append(answer.text)
+                    return set(lines)
+                half = len(lines) // 2
+                first = self._store(lines[:half], deadline, reasons)
+                if first is None:
+                    return None
+                second = self._store(lines[half:], deadline, reasons)
+                return None if second is None else first | second
+            self.metrics.write_errors.inc()
+            if decision is writes.Policy.STALL:
+                wait = self._stall_retry_s
+                self._influx_refusing(f"InfluxDB refuses to store anything ({answer.text}); "
+                                      "nothing is acknowledged, retrying every "
+                                      f"{wait:.0f} s", key=str(answer.status))
             else:
-                self.influx_ok = True
-                return True
-            if deadline is not None and time.monotonic() + delay > deadline:
-                return False
-            if self._stopping.wait(delay) and deadline is None:
+                delay = writes.backoff(delay)
+                wait = delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
+                self._influx_refusing(f"InfluxDB write failed, {len(lines)} points held (not "
+                                      f"acknowledged), retrying with backoff: {answer.text}",
+                                      key=str(answer.status), level=logging.WARNING)
+            if deadline is not None and time.monotonic() + wait > deadline:
+                return None
+            if self._stopping.wait(wait) and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_FLUSH_S
-            delay = min(_BACKOFF_MAX_S, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
 
-    @staticmethod
-    def _set_aside(batch: list[_Item], exc: InfluxPartialWriteError) -> None:
-        refused = set(exc.lines)
-        for item in batch:
-            # Without quoted lines (e.g. a field type conflict) we cannot tell which points were
-            # dropped: keep every message of the batch; replaying them later is harmless.
-            if item.line is not None and (not refused or item.line in refused):
-                item.error = f"InfluxDB refused the point: {exc}"
+    def _influx_refusing(self, message: str, *, key: str, level: int = logging.ERROR) -> None:
+        """Report a write problem once per change (``key``), and tell /readyz."""
+        self.influx_ok = False
+        self.influx_problem = message
+        if key != self._influx_key:
+            self._influx_key = key
+            logger.log(level, "%s", message)
 
-    def _fatal(self, message: str) -> None:
+    def _influx_answering(self) -> None:
+        if self._influx_key is not None:
+            logger.info("InfluxDB stores again")
+            self._influx_key = None
+        self.influx_ok = True
+        self.influx_problem = None
+
+    def problems(self, stall_s: float = 60.0) -> list[str]:
+        """Why the gateway is not ready, if it is not (for /readyz)."""
+        reasons = []
+        if self.fatal_error:
+            reasons.append(self.fatal_error)
+        elif not self._writer.is_alive() and self._writer.ident is not None:
+            reasons.append("the writer thread is not running")
+        elif self.heartbeat and time.monotonic() - self.heartbeat > stall_s and self.pending:
+            reasons.append(f"the writer has made no progress for {stall_s:.0f} s "
+                           f"({self.pending} messages waiting)")
+        if self.influx_problem:
+            reasons.append(self.influx_problem)
+        if not self.mqtt_connected:
+            reasons.append(f"not connected to the broker: {self.mqtt_problem or 'connecting'}")
+        return reasons
+
+    def _fatal(self, message: str, exit_code: int = 3) -> None:
+        self.exit_code = exit_code
         self.fatal_error = message
         if self._on_fatal is not None:
             self._on_fatal(message)

@@ -1,14 +1,22 @@
-"""The publisher: meter → outbox (SQLite) → MQTT QoS 1, deleting a reading only on its PUBACK.
+"""The publisher: meter → outbox (SQLite) → MQTT QoS 1; a reading leaves the outbox only when
+the gateway's receipt says InfluxDB stored it.
 
 Two threads. The meter thread reads the meter every ``interval_s`` and hands readings over. The
 pump thread owns the outbox: it commits what the meter handed over (one transaction for whatever
 is waiting), publishes new readings at once, drains the backlog (what was in the outbox when the
-connection came up) oldest first at ``backlog_rate``, keeps at most ``window`` messages in flight,
-and deletes rows as their PUBACKs arrive (paho's ``on_publish``, by message id).
+connection came up) oldest first at ``backlog_rate``, and feeds the delivery state machine
+(:mod:`homeiot.core.publishing`) with PUBACKs and receipts, carrying out what it decides.
+
+A PUBACK only means "in flight": a good one makes the row wait for its receipt (on
+``{MQTT_RECEIPT_TOPIC}/{source}``), a refusal (0x87 "not authorized" when the ACL does not let us
+write the topic, 0x10 "no matching subscribers" when the gateway's session is gone) keeps the row,
+is logged at ERROR once per change of reason, and the row is resent with backoff. A row whose
+receipt does not come in ``receipt_timeout_s`` is resent, with a doubling timeout. At most
+``window`` messages await their PUBACK and ``unreceipted_max`` their receipt.
 
 paho resends its own in-flight messages after a reconnect; rows it holds are skipped when the
-backlog is drained. After a restart everything in the outbox is sent again — a reading delivered
-twice overwrites itself downstream, so duplicates are harmless and nothing is lost.
+backlog is drained. After a restart everything in the outbox is sent again — a reading stored
+twice overwrites itself in InfluxDB, so duplicates are harmless and nothing is lost.
 """
 
 from __future__ import annotations
@@ -29,8 +37,11 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.meters import Meter
 from homeiot.adapters.outbox import Outbox
 from homeiot.config import PublisherSettings
-from homeiot.core.errors import HomeIotError, MeterLinkDeadError, RejectedError
+from homeiot.core import publishing, receipts
+from homeiot.core.errors import HomeIotError, InvalidDataError, MeterLinkDeadError, RejectedError
+from homeiot.core.publishing import PublisherFlow
 from homeiot.core.reading import Reading, epoch_ms
+from homeiot.core.receipts import receipt_topic
 from homeiot.core.topics import topic_for
 
 logger = logging.getLogger(__name__)
@@ -66,9 +77,14 @@ class Publisher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._readings: queue.Queue[Reading] = queue.Queue()
-        self._acked: queue.Queue[int] = queue.Queue()
+        self._acked: queue.Queue[tuple[int, ReasonCode]] = queue.Queue()
         self._connects = 0
-        self._inflight: dict[int, int] = {}  # mid → outbox id; pump thread only
+        self._last_ts: dict[str, datetime] = {}
+        self.receipts_topic = receipt_topic(settings.mqtt.receipt_topic, settings.source)
+        self._receipts: queue.Queue[bytes] = queue.Queue()
+        self.flow = PublisherFlow(self.topic, settings.window,  # pump thread only
+                                  unreceipted_max=settings.unreceipted_max,
+                                  receipt_timeout_s=settings.receipt_timeout_s)
         self._backlog_cursor = 0
         self._backlog_end = 0
         self._live_after = 0
@@ -79,6 +95,9 @@ class Publisher:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
+        self._client.on_connect_fail = self._on_connect_fail
+        self._report = mqtt_adapter.ConnectionReport(logger, "publisher")
         self._meter_thread = threading.Thread(target=self._meter_loop, name="meter", daemon=True)
         self._watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
         self.published = 0
@@ -91,9 +110,15 @@ class Publisher:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
         if reason.is_failure:
-            logger.error("broker refused the connection: %s", reason)
+            # Readings stay in the outbox; paho retries with capped backoff (1 s to 10 s), so a
+            # password rotated on the server is picked up within seconds.
+            self._report.failed(mqtt_adapter.refusal(reason))
             return
+        self._report.connected()
         self._connects += 1
+        # Receipts sent while we were away are lost with the clean session: what they named is
+        # resent after the receipt timeout, and InfluxDB overwrites it in place.
+        client.subscribe(self.receipts_topic, qos=1)
         self.connected.set()
         self._wake.set()
         logger.info("connected to %s:%s", self.settings.mqtt.host, self.settings.mqtt.port)
@@ -107,7 +132,14 @@ class Publisher:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Any) -> None:
-        self._acked.put(mid)
+        self._acked.put((mid, reason))
+        self._wake.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._report.failed(mqtt_adapter.diagnose(self.settings.mqtt))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._receipts.put(bytes(msg.payload))
         self._wake.set()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -136,7 +168,7 @@ class Publisher:
             self._settle(2.0)
             mqtt_adapter.close(self._client)
             self.meter.close()
-            logger.info("publisher stopped: published=%d delivered=%d waiting=%d",
+            logger.info("publisher stopped: published=%d stored=%d waiting=%d",
                         self.published, self.delivered, len(self.outbox))
 
     def _fatal(self, exc: RejectedError | MeterLinkDeadError) -> None:
@@ -202,8 +234,9 @@ class Publisher:
                 self.outbox.prune_older_than(epoch_ms(datetime.now(UTC)))
                 last_prune = now
             if now - last_stats > _STATS_EVERY_S:
-                logger.info("publisher: published=%d delivered=%d in_flight=%d waiting=%d",
-                            self.published, self.delivered, len(self._inflight), len(self.outbox))
+                logger.info("publisher: published=%d stored=%d in_flight=%d unreceipted=%d "
+                            "waiting=%d", self.published, self.delivered, self.flow.in_flight,
+                            self.flow.unreceipted, len(self.outbox))
                 last_stats = now
             if self._watchdog_s and now - last_watchdog >= self._watchdog_s:
                 sd_notify("WATCHDOG=1")  # from the pump: a stuck pump lets systemd restart us
@@ -213,29 +246,64 @@ class Publisher:
         batch: list[Reading] = []
         while True:
             try:
-                batch.append(self._readings.get_nowait())
+                reading = self._readings.get_nowait()
             except queue.Empty:
                 break
+            # InfluxDB keeps one point per source and millisecond: a second sample in the same
+            # millisecond (a meter loop catching up) would overwrite the first and show up as a
+            # lost seq. It is the same instant, not a new reading.
+            if self._last_ts.get(reading.source) == reading.ts:
+                logger.debug("dropped a second sample at %s", reading.ts)
+                continue
+            self._last_ts[reading.source] = reading.ts
+            batch.append(reading)
         if batch:
             self.outbox.add(batch)
 
     def _settle_acks(self) -> None:
-        ids = []
+        actions: list[publishing.Action] = []
         while True:
             try:
-                mid = self._acked.get_nowait()
+                mid, reason = self._acked.get_nowait()
             except queue.Empty:
                 break
-            row_id = self._inflight.pop(mid, None)
-            if row_id is not None:
-                ids.append(row_id)
-        if ids:
-            self.delivered += self.outbox.delete(ids)
+            actions += self.flow.handle(publishing.PubAck(mid, reason.value, str(reason),
+                                                          time.monotonic()))
+        while True:
+            try:
+                payload = self._receipts.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                actions += self.flow.handle(publishing.Stored(receipts.decode(payload)))
+            except InvalidDataError as exc:
+                logger.warning("ignoring a bad receipt on %s: %s", self.receipts_topic, exc)
+        self._execute(actions)
+
+    def _execute(self, actions: list[publishing.Action]) -> None:
+        deleted: list[int] = []
+        for action in actions:
+            match action:
+                case publishing.Delete(row_ids):
+                    deleted += row_ids
+                case publishing.Resend(row_ids):
+                    for row_id in row_ids:
+                        row = self.outbox.get(row_id)
+                        if row is None:
+                            self.flow.handle(publishing.Gone(row_id))
+                        elif self.connected.is_set():
+                            self._send(row.id, row.seq, row.payload)
+                case publishing.Alarm(message):
+                    logger.error("%s (%d waiting)", message, len(self.outbox))
+                case publishing.Recovered(message):
+                    logger.info("%s (%d waiting)", message, len(self.outbox))
+        if deleted:
+            self.delivered += self.outbox.delete(deleted)
 
     def _settle(self, timeout_s: float) -> None:
         """On the way out: wait briefly for PUBACKs of what is in flight (the rest is resent)."""
         deadline = time.monotonic() + timeout_s
-        while self._inflight and self.connected.is_set() and time.monotonic() < deadline:
+        while self.flow.in_flight and self.connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
             self._settle_acks()
 
@@ -247,15 +315,17 @@ class Publisher:
             self._backlog_end = self._live_after = self.outbox.max_id()
             logger.info("backlog: %d reading(s) to send at %.0f/s", len(self.outbox),
                         self.settings.backlog_rate)
-        room = self.settings.window - len(self._inflight)
+        self._execute(self.flow.handle(publishing.Tick(time.monotonic())))
+        room = self.flow.room
         if room <= 0:
             return
         # New readings first: they go out as they come.
         for row in self.outbox.after(self._live_after, 2**62, room):
-            self._send(row.id, row.payload)
+            self._send(row.id, row.seq, row.payload)
             self._live_after = row.id
             room -= 1
-        holding = set(self._inflight.values())
+        room = self.flow.room
+        holding = self.flow.holding
         while room > 0 and self._backlog_cursor < self._backlog_end and self._tokens >= 1:
             rows = self.outbox.after(self._backlog_cursor, self._backlog_end,
                                      min(room, int(self._tokens)))
@@ -266,13 +336,13 @@ class Publisher:
                 self._backlog_cursor = row.id
                 if row.id in holding:
                     continue
-                self._send(row.id, row.payload)
+                self._send(row.id, row.seq, row.payload)
                 self._tokens -= 1
                 room -= 1
 
-    def _send(self, row_id: int, payload: bytes) -> None:
+    def _send(self, row_id: int, seq: int, payload: bytes) -> None:
         info = self._client.publish(self.topic, payload, qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise HomeIotError(f"publish failed: {mqtt.error_string(info.rc)}")
-        self._inflight[info.mid] = row_id
+        self.flow.handle(publishing.Published(row_id, seq, info.mid, time.monotonic()))
         self.published += 1

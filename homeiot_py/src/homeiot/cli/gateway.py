@@ -1,6 +1,7 @@
-"""``homeiot-gateway`` / ``python -m homeiot.gateway``: run the gateway, or manage dead letters.
+"""``homeiot-gateway`` / ``python -m homeiot.cli.gateway``: run the gateway, or manage dead letters.
 
-Exit codes: 0 clean stop, 2 bad configuration, 3 the broker refused our credentials.
+Exit codes: 0 clean stop, 1 a thread died (the writer: e.g. the dead-letter store cannot be
+written), 2 bad configuration, 3 the broker refused our credentials.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from datetime import UTC, datetime, timedelta
 from homeiot.adapters.deadletters import DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import load_gateway
-from homeiot.core import codec
-from homeiot.core.errors import ConfigError, HomeIotError, InvalidDataError
-from homeiot.core.lineprotocol import encode_reading
-from homeiot.core.reading import check_not_future
-from homeiot.core.topics import source_from_topic
+from homeiot.core import writes
+from homeiot.core.errors import ConfigError, HomeIotError, InfluxUnavailableError
+from homeiot.core.ingest import Rejection, Rules, ingest
 from homeiot.logs import setup_logging
 
 logger = logging.getLogger("homeiot.gateway")
@@ -51,7 +50,7 @@ def _run() -> int:
         influx=influx, dead_letters=store, registry=gateway.metrics.registry,
         tokens=settings.api_tokens, measurement=settings.influx.measurement,
         timezone=settings.timezone, source_default=settings.source_default,
-        mqtt_connected=lambda: gateway.mqtt_connected))
+        mqtt_connected=lambda: gateway.mqtt_connected, problems=gateway.problems))
     server = _Server(uvicorn.Config(app, host=settings.api_host, port=settings.api_port,
                                     log_config=None, access_log=False, timeout_graceful_shutdown=2))
 
@@ -68,7 +67,7 @@ def _run() -> int:
         gateway.stop()
         store.close()
         influx.close()
-    return EXIT_AUTH if gateway.fatal_error else 0
+    return gateway.exit_code
 
 
 def _server_class() -> type:
@@ -98,37 +97,71 @@ def _list(limit: int) -> int:
 
 
 def _replay(dry_run: bool) -> int:
-    """Feed stored dead letters through today's code: those that are valid now are written to
-    InfluxDB and removed; the others stay with their updated reason."""
+    """Feed stored dead letters through today's rules (:func:`homeiot.core.ingest.ingest`): those
+    valid now are written to InfluxDB and removed; those still invalid, or that InfluxDB refuses,
+    stay with their updated reason and are reported — the replay goes on past them. It stops
+    (exit 1) only when InfluxDB stores nothing at all (down, refusing our credentials)."""
     settings = load_gateway()
     store = DeadLetterStore(settings.dead_letter_db)
-    max_ahead = timedelta(seconds=settings.max_future_s)
-    replayed = kept = 0
+    rules = Rules(settings.mqtt.topic, settings.influx.measurement,
+                  timedelta(seconds=settings.max_future_s))
+    replayed = kept = refused = 0
     after = 0
-    with InfluxClient(settings.influx) as influx:
-        while page := store.list(limit=1000, after_id=after):
-            after = page[-1].id
-            lines, ids = [], []
-            for stored in page:
-                letter = stored.letter
-                try:
-                    source = source_from_topic(settings.mqtt.topic, letter.topic)
-                    reading = check_not_future(codec.decode(letter.payload, source),
-                                               datetime.now(UTC), max_ahead)
-                    lines.append(encode_reading(reading, settings.influx.measurement))
-                    ids.append(stored.id)
-                except InvalidDataError as exc:
-                    kept += 1
-                    if not dry_run:
-                        store.update_error(stored.id, str(exc))
-            if lines and not dry_run:
-                influx.write(lines)
-                store.delete(ids)
-            replayed += len(lines)
+    try:
+        with InfluxClient(settings.influx) as influx:
+            while page := store.list(limit=1000, after_id=after):
+                after = page[-1].id
+                points: dict[int, str] = {}
+                for stored in page:
+                    outcome = ingest(rules, stored.letter.topic, stored.letter.payload,
+                                     datetime.now(UTC))
+                    if isinstance(outcome, Rejection):
+                        kept += 1
+                        if not dry_run:
+                            store.update_error(stored.id, outcome.reason)
+                    else:
+                        points[stored.id] = outcome.line
+                if dry_run or not points:
+                    replayed += len(points)
+                    continue
+                done, refusals = _write_letters(influx, points)
+                store.delete(done)
+                replayed += len(done)
+                for letter_id, reason in refusals.items():
+                    refused += 1
+                    store.update_error(letter_id, f"InfluxDB refused the point: {reason}")
+                    print(f"letter {letter_id}: InfluxDB refused it: {reason}", file=sys.stderr)
+    finally:
+        store.close()
     verb = "would replay" if dry_run else "replayed"
-    logger.info("dead letters: %s=%d still_invalid=%d", verb.replace(" ", "_"), replayed, kept)
-    print(f"{verb} {replayed}, still invalid {kept}")
+    logger.info("dead letters: %s=%d still_invalid=%d refused=%d", verb.replace(" ", "_"),
+                replayed, kept, refused)
+    print(f"{verb} {replayed}, still invalid {kept}, refused by InfluxDB {refused}")
     return 0
+
+
+def _write_letters(influx: InfluxClient, points: dict[int, str]) -> tuple[list[int], dict[int, str]]:
+    """Write the letters' points; returns (stored letter ids, refused letter id → reason).
+    Raises when InfluxDB stores nothing at all (the replay cannot go on)."""
+    answer = influx.write_answer(list(points.values()))
+    decision = writes.policy(answer)
+    if decision is writes.Policy.WRITTEN:
+        return list(points), {}
+    if decision in (writes.Policy.STALL, writes.Policy.RETRY):
+        raise InfluxUnavailableError(f"InfluxDB stores nothing ({answer.text}); the letters "
+                                     "stay, run the replay again later")
+    if decision is writes.Policy.PARTIAL and set(answer.refused) <= set(points.values()):
+        refused_lines = set(answer.refused)
+        return ([i for i, line in points.items() if line not in refused_lines],
+                {i: answer.text for i, line in points.items() if line in refused_lines})
+    if len(points) == 1:  # a lone point refused: it stays a letter
+        return [], {next(iter(points)): answer.text}
+    # Refused without naming the lines, or too large: find them half by half.
+    items = list(points.items())
+    half = len(items) // 2
+    done_a, refused_a = _write_letters(influx, dict(items[:half]))
+    done_b, refused_b = _write_letters(influx, dict(items[half:]))
+    return done_a + done_b, {**refused_a, **refused_b}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``homeiot-publisher`` / ``python -m homeiot.publisher``: read the meter, publish over MQTT.
+"""``homeiot-publisher`` / ``python -m homeiot.cli.publisher``: read the meter, publish over MQTT.
 
 Configuration comes from the environment (on the Pi, systemd's ``EnvironmentFile=`` loads
 ``/etc/homeiot/publisher.env``) or from ``--env-file``. Logs go to stdout for journald.
