@@ -78,6 +78,40 @@ def count(path: Path, where: str = "") -> int:
     return int(row[0])
 
 
+def archive_state(settings: ArchiveSettings) -> dict[date, tuple[int, float]]:
+    """Per day (rows, sum of power_w) in the Parquet partitions; asserts DuckDB's table and its
+    ``archive_days`` say the same, so Parquet and DuckDB agree."""
+    glob = str(settings.parquet_root / "raw_meter_readings" / "*" / "*.parquet")
+    con = duckdb.connect()
+    from_parquet = {d: (int(n), float(p or 0)) for d, n, p in con.execute(
+        "SELECT dt, count(*), sum(power_w) FROM read_parquet(?, hive_partitioning = true) "
+        "GROUP BY dt", [glob]).fetchall()} if list(settings.parquet_root.glob(
+            "raw_meter_readings/*/*.parquet")) else {}
+    con.close()
+    con = duckdb.connect(str(settings.duckdb_path), read_only=True)
+    from_duckdb = {d: (int(n), float(p or 0)) for d, n, p in con.execute(
+        "SELECT d.dt, d.row_count, coalesce(s.p, 0) FROM archive_days d LEFT JOIN (SELECT dt, "
+        "sum(power_w) p, count(*) n FROM raw_meter_readings GROUP BY dt) s ON s.dt = d.dt "
+        "WHERE coalesce(s.n, 0) = d.row_count").fetchall()}
+    recorded = int((con.execute("SELECT count(*) FROM archive_days").fetchone() or (0,))[0])
+    con.close()
+    assert len(from_duckdb) == recorded, "archive_days disagrees with the table"
+    assert from_parquet == from_duckdb
+    return from_duckdb
+
+
+def influx_day(settings: ArchiveSettings, day: date) -> tuple[int, float]:
+    """(points, sum of power_w) of a local day in InfluxDB."""
+    from homeiot.core.days import day_window  # noqa: PLC0415
+
+    start, end = day_window(day, settings.timezone)
+    with InfluxClient(settings.influx) as influx:
+        rows = list(influx.rows(
+            f"SELECT count(power_w), sum(power_w) FROM meter_readings WHERE time >= "
+            f"{int(start.timestamp() * 1000)}ms AND time < {int(end.timestamp() * 1000)}ms"))
+    return (int(rows[0]["count"]), float(rows[0]["sum"])) if rows else (0, 0.0)
+
+
 def test_the_seeds_flow_verbatim(settings: ArchiveSettings) -> None:
     """dev_seed then run_archive, as in the seed's runbook, for yesterday in Asia/Tokyo."""
     day = yesterday(datetime.now(UTC), TOKYO)
@@ -140,17 +174,24 @@ def test_a_run_killed_at_any_step_leaves_a_consistent_state(settings: ArchiveSet
     archive_days(settings, [DAY])
     before = settings.duckdb_path.read_bytes()
     next_day = DAY + timedelta(days=1)
-    write_day(settings, next_day)
-    killed = run("homeiot_batch.run_archive", settings, "--date", str(next_day),
-                 **{KILL_AT_ENV: step})
+    write_day(settings, next_day, every_min=15)
+    write_day(settings, DAY, every_min=15, source="meter2")  # DAY is re-archived with more rows
+    killed = run("homeiot_batch.run_archive", settings, "--from", str(DAY), "--to",
+                 str(next_day), **{KILL_AT_ENV: step})
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert settings.duckdb_path.read_bytes() == before  # live untouched
     assert count(settings.duckdb_path) == 48
     assert not ArchivePaths.wal(settings.duckdb_path).exists()
+    if step != "parquet_published":  # before the commit point: Parquet is untouched as well
+        assert archive_state(settings) == {DAY: (48, sum(100.0 + i for i in range(48)))}
     again = run("homeiot_batch.run_archive", settings, "--date", str(next_day))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert count(settings.duckdb_path) == 96
-    assert count(settings.duckdb_path, f"WHERE dt = DATE '{next_day}'") == 48
+    if step == "parquet_published":  # after the commit point: the next run completes it
+        assert "completing an interrupted run" in again.stdout
+        assert count(settings.duckdb_path, f"WHERE dt = DATE '{DAY}'") == 48 + 96
+    state = archive_state(settings)
+    assert state[next_day][0] == 96
+    assert state[DAY][0] == (48 + 96 if step == "parquet_published" else 48)
     assert not ArchivePaths(settings.duckdb_path).next.exists()
     assert list((settings.parquet_root / ".staging").iterdir()) == []
 
@@ -314,7 +355,7 @@ def test_verification_catches_a_next_file_that_differs_from_its_source(
         ("DELETE FROM raw_meter_readings WHERE seq = 3 AND dt = ?", "rows"),
         ("DELETE FROM raw_meter_readings WHERE dt <> ?", "though that day was not archived"),
     ):
-        duckdb_store.build_next(paths, files)
+        duckdb_store.build_next(paths, files, dict.fromkeys(files, 48))
         con = duckdb.connect(str(paths.next))
         con.execute(tamper, [DAY + timedelta(days=1)])
         con.execute("CHECKPOINT")
