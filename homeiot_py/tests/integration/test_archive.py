@@ -89,6 +89,8 @@ def archive_state(settings: ArchiveSettings) -> dict[date, tuple[int, float]]:
         "GROUP BY dt", [glob]).fetchall()} if list(settings.parquet_root.glob(
             "raw_meter_readings/*/*.parquet")) else {}
     con.close()
+    for part in settings.parquet_root.glob("raw_meter_readings/dt=*/part-0.parquet"):
+        from_parquet.setdefault(date.fromisoformat(part.parent.name[3:]), (0, 0.0))  # empty days
     con = duckdb.connect(str(settings.duckdb_path), read_only=True)
     from_duckdb = {d: (int(n), float(p or 0)) for d, n, p in con.execute(
         "SELECT d.dt, d.row_count, coalesce(s.p, 0) FROM archive_days d LEFT JOIN (SELECT dt, "
@@ -608,3 +610,45 @@ def test_the_seeds_duckdb_command_works_with_a_duckdb_1_cli(settings: ArchiveSet
     assert run("homeiot_batch.run_archive", data, "--date", str(DAY + timedelta(days=1))
                ).returncode == 0
     assert archive_state(data)[DAY + timedelta(days=1)][0] == 48
+
+
+def test_the_runbook_example_lists_the_partition_it_seeded(settings: ArchiveSettings) -> None:
+    """docs/archive.md: on a new archive, the first run starts at the oldest reading's day, so
+    the seed's dev_seed (2025-12-16T15:00Z = 2025-12-17 00:00 JST) then run_archive fills
+    dt=2025-12-17."""
+    seeded = run("homeiot_batch.dev_seed", settings, "--start-utc", "2025-12-16T15:00:00Z",
+                 "--interval-minutes", "30", "--count", "48")
+    assert seeded.returncode == 0, seeded.stdout + seeded.stderr
+    archived = run("homeiot_batch.run_archive", settings)
+    assert archived.returncode == 0, archived.stdout + archived.stderr
+    partition = settings.parquet_root / "raw_meter_readings" / "dt=2025-12-17"
+    assert [p.name for p in partition.iterdir()] == ["part-0.parquet"]
+    assert archive_state(settings)[date(2025, 12, 17)] == influx_day(settings, date(2025, 12, 17))
+    assert count(settings.duckdb_path) == 48
+    assert "days=31 first=2025-12-17" in archived.stdout  # ARCHIVE_MAX_DAYS; the timer goes on
+
+
+def test_progress_bars_on_a_terminal(settings: ArchiveSettings) -> None:
+    import pty  # noqa: PLC0415
+
+    write_day(settings, DAY)
+    for args in (["--date", str(DAY)], ["restore", "--from", str(DAY)]):
+        leader, follower = pty.openpty()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "homeiot_batch.run_archive", *args],
+                                  env=env_for(settings), stderr=follower, stdout=subprocess.PIPE,
+                                  timeout=120, check=False)
+            os.close(follower)
+            shown = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        finally:
+            os.close(leader)
+        assert proc.returncode == 0, proc.stdout
+        assert f"1/1 {DAY}".encode() in shown, shown
