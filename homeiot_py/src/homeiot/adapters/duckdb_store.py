@@ -17,17 +17,19 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 
 from homeiot.core import table
 from homeiot.core.errors import HomeIotError
 
+T = TypeVar("T")
 TABLE = table.TABLE
 DDL = table.create_table_sql()
 _COLUMNS = table.COLUMN_NAMES
@@ -290,8 +292,8 @@ def verify_next(paths: ArchivePaths, files: Mapping[date, Path],
     """Check next in a fresh process (read-only) against the Parquet source and the live file:
     every column of the archived days, and the row count of every other day."""
     days = sorted(files)
-    report = _run_verifier(paths, days, timeout_s)
-    expected = parquet_stats(files, paths.memory_limit)
+    report, expected = _run_verifier(paths, days, timeout_s,
+                                     lambda: parquet_stats(files, paths.memory_limit))
     for day in days:
         key = day.isoformat()
         got, want = report["days"].get(key), expected.get(key)
@@ -313,24 +315,36 @@ def verify_next(paths: ArchivePaths, files: Mapping[date, Path],
                                f"{count} in the live database, though that day was not archived")
 
 
-def _run_verifier(paths: ArchivePaths, days: Sequence[date], timeout_s: float) -> Any:
+def _run_verifier(paths: ArchivePaths, days: Sequence[date], timeout_s: float,
+                  meanwhile: Callable[[], T]) -> tuple[Any, T]:
+    """Run the fresh-process verifier on next; compute ``meanwhile()`` (the Parquet side) while it
+    runs, on the other core."""
     if storage_version(paths.next) != STORAGE_VERSION:
         raise ArchiveError(f"{paths.next.name} has storage version {storage_version(paths.next)}, "
                            f"not {STORAGE_VERSION} ({STORAGE_COMPATIBILITY})")
     try:
-        result = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "homeiot.adapters.duckdb_store", paths.memory_limit,
              str(paths.next), *[d.isoformat() for d in days]],
-            capture_output=True, text=True, check=False, timeout=timeout_s)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise ArchiveError(f"cannot start the verification of {paths.next}: {exc}") from exc
+    started = time.monotonic()
+    try:
+        local = meanwhile()
+        stdout, stderr = proc.communicate(timeout=max(0.0, timeout_s
+                                                      - (time.monotonic() - started)))
     except subprocess.TimeoutExpired as exc:
         raise VerifyTimeoutError(
             f"verifying {paths.next} took longer than {timeout_s:g} s (ARCHIVE_VERIFY_TIMEOUT_S); "
             "the live database is unchanged") from exc
-    except OSError as exc:
-        raise ArchiveError(f"cannot start the verification of {paths.next}: {exc}") from exc
-    if result.returncode != 0:
-        raise ArchiveError(f"verifying {paths.next.name} failed: {result.stderr.strip()[-500:]}")
-    return json.loads(result.stdout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    if proc.returncode != 0:
+        raise ArchiveError(f"verifying {paths.next.name} failed: {stderr.strip()[-500:]}")
+    return json.loads(stdout), local
 
 
 def _same(a: Any, b: Any) -> bool:
