@@ -100,10 +100,15 @@ def _day_batches(influx: InfluxClient, settings: ArchiveSettings, day: date
     statement = (f'SELECT * FROM "{measurement}" WHERE time >= {epoch_ms(start)}ms '  # noqa: S608
                  f"AND time < {epoch_ms(end)}ms")
     with influx.query_csv(statement, chunk_size=settings.chunk_size) as stream:
+        # The header names the columns; InfluxDB's own "name" and "tags" (the measurement and an
+        # empty string on every row) are not archived, so they are not even converted.
+        header = stream.peek(1 << 16).split(b"\n", 1)[0].strip().decode("utf-8", "replace")
+        wanted = [c for c in header.split(",") if c not in ("name", "tags")] or None
         try:
             reader = pa_csv.open_csv(
                 stream, read_options=pa_csv.ReadOptions(block_size=1 << 20),
-                convert_options=pa_csv.ConvertOptions(column_types=parquet.CSV_TYPES))
+                convert_options=pa_csv.ConvertOptions(column_types=parquet.CSV_TYPES,
+                                                      include_columns=wanted))
         except pa.ArrowInvalid as exc:
             if "Empty CSV" in str(exc):
                 return  # no readings that day
