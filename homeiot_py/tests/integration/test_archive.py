@@ -652,3 +652,34 @@ def test_progress_bars_on_a_terminal(settings: ArchiveSettings) -> None:
             os.close(leader)
         assert proc.returncode == 0, proc.stdout
         assert f"1/1 {DAY}".encode() in shown, shown
+
+
+def test_a_build_thread_that_fails_stops_the_run_loudly(settings: ArchiveSettings) -> None:
+    """DuckDB ingests on its own thread during the export; its first error reaches the caller
+    (no hang on the bounded queue), and nothing is committed."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    from homeiot.services.archiver import _BuildThread  # noqa: PLC0415
+
+    write_day(settings, DAY)
+    archive_days(settings, [DAY])
+    before = settings.duckdb_path.read_bytes()
+    paths = ArchivePaths(settings.duckdb_path)
+    builder = duckdb_store.NextBuilder(paths)
+    build = _BuildThread()
+    wrong = pa.record_batch({"unexpected": pa.array([1, 2, 3])})
+    build.call(builder.begin_day, DAY)
+    build.call(builder.add, DAY, wrong)
+
+    def feed_more_than_the_queue_holds() -> None:  # must not block once the thread failed
+        for _ in range(100):
+            build.call(builder.add, DAY, wrong)
+        build.close()
+
+    with pytest.raises(duckdb_store.ArchiveError, match=r"Binder Error.*\bts\b"):
+        feed_more_than_the_queue_holds()
+    build.close(raise_error=False)
+    builder.abort()
+    duckdb_store.remove_leftovers(paths)
+    assert settings.duckdb_path.read_bytes() == before
+    assert archive_state(settings)[DAY][0] == 48

@@ -226,40 +226,104 @@ def _start_next(paths: ArchivePaths) -> duckdb.DuckDBPyConnection:
     return con
 
 
+class NextBuilder:
+    """Builds next in one transaction, a day at a time: :meth:`begin_day`, :meth:`add` Arrow
+    batches (or :meth:`add_parquet`), :meth:`end_day`; then :meth:`finish` (COMMIT, CHECKPOINT,
+    close, fsync) or :meth:`abort`. Used from one thread only. A day that ends with another row
+    count than announced, or with fewer rows than it had (unless ``allow_shrink``; never to zero),
+    fails the build."""
+
+    def __init__(self, paths: ArchivePaths, *, allow_shrink: bool = False) -> None:
+        if ArchivePaths.wal(paths.live).exists():
+            raise ArchiveError(
+                f"{ArchivePaths.wal(paths.live)} exists: something wrote to the live database. "
+                "Open it read-write once with DuckDB and close it (that checkpoints the WAL), "
+                "then re-run.")
+        self.paths = paths
+        self.allow_shrink = allow_shrink
+        self._held: dict[date, int] = {}
+        self._con: duckdb.DuckDBPyConnection | None = _start_next(paths)
+        with self._translated():
+            self._connection().execute("BEGIN TRANSACTION")
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise ArchiveError(f"{self.paths.next.name} is already closed")
+        return self._con
+
+    def _translated(self) -> contextlib.AbstractContextManager[None]:
+        return _translated(self.paths.next, "building")
+
+    def begin_day(self, day: date) -> None:
+        con = self._connection()
+        with self._translated():
+            self._held[day] = _count(con, day)
+            con.execute(f"DELETE FROM {TABLE} WHERE dt = ?", [day])
+
+    def add(self, day: date, batch: Any) -> None:
+        """Insert an Arrow record batch in the archive's Parquet schema as rows of ``day``."""
+        con = self._connection()
+        with self._translated():
+            con.register("_homeiot_batch", batch)
+            try:
+                con.execute(f"INSERT INTO {TABLE} SELECT {', '.join(_COLUMNS)}, ?::DATE AS dt "
+                            "FROM _homeiot_batch", [day])
+            finally:
+                with contextlib.suppress(duckdb.Error):  # fails in an aborted transaction
+                    con.unregister("_homeiot_batch")
+
+    def add_parquet(self, day: date, path: Path) -> None:
+        with self._translated():
+            self._connection().execute(
+                f"INSERT INTO {TABLE} SELECT {', '.join(_COLUMNS)}, ?::DATE AS dt "
+                "FROM read_parquet(?)", [day, str(path)])
+
+    def end_day(self, day: date, rows: int) -> None:
+        con = self._connection()
+        with self._translated():
+            new = _count(con, day)
+            if new != rows:
+                raise ArchiveError(f"{day}: {new} rows inserted into {self.paths.next.name}, "
+                                   f"{rows} in its Parquet file")
+            check_shrink(day, self._held[day], new, allow_shrink=self.allow_shrink)
+            con.execute(f"INSERT OR REPLACE INTO {table.DAYS_TABLE} VALUES (?, ?, now())",
+                        [day, new])
+
+    def finish(self) -> None:
+        con = self._connection()
+        try:
+            with self._translated():
+                con.execute("COMMIT")
+                con.execute("CHECKPOINT")
+        finally:
+            self.abort()
+        with self.paths.next.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        if ArchivePaths.wal(self.paths.next).exists():
+            raise ArchiveError(f"{self.paths.next.name} still has a WAL after CHECKPOINT and close")
+
+    def abort(self) -> None:
+        """Close without committing (the transaction is rolled back; next is left to remove)."""
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+
 def build_next(paths: ArchivePaths, files: Mapping[date, Path], rows: Mapping[date, int],
                *, allow_shrink: bool = False) -> None:
     """Copy live → next and replace ``files``' days in next from their Parquet files, in one
-    transaction. ``rows`` are the row counts the files were written with: a day that ends up
-    with another count, or with fewer rows than it had (unless ``allow_shrink``; never to zero),
-    fails the build."""
-    if ArchivePaths.wal(paths.live).exists():
-        raise ArchiveError(
-            f"{ArchivePaths.wal(paths.live)} exists: something wrote to the live database. Open it "
-            "read-write once with DuckDB and close it (that checkpoints the WAL), then re-run.")
-    con = _start_next(paths)
+    transaction (:class:`NextBuilder`). ``rows`` are the row counts the files were written
+    with."""
+    builder = NextBuilder(paths, allow_shrink=allow_shrink)
     try:
-        with _translated(paths.next, "building"):
-            con.execute("BEGIN TRANSACTION")
-            for day, path in sorted(files.items()):
-                old = _count(con, day)
-                con.execute(f"DELETE FROM {TABLE} WHERE dt = ?", [day])
-                con.execute(f"INSERT INTO {TABLE} SELECT {', '.join(_COLUMNS)}, ?::DATE AS dt "
-                            "FROM read_parquet(?)", [day, str(path)])
-                new = _count(con, day)
-                if new != rows[day]:
-                    raise ArchiveError(f"{day}: {new} rows inserted into {paths.next.name}, "
-                                       f"{rows[day]} in its Parquet file")
-                check_shrink(day, old, new, allow_shrink=allow_shrink)
-                con.execute(f"INSERT OR REPLACE INTO {table.DAYS_TABLE} VALUES (?, ?, now())",
-                            [day, new])
-            con.execute("COMMIT")
-            con.execute("CHECKPOINT")
-    finally:
-        con.close()
-    with paths.next.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    if ArchivePaths.wal(paths.next).exists():
-        raise ArchiveError(f"{paths.next.name} still has a WAL after CHECKPOINT and close")
+        for day, path in sorted(files.items()):
+            builder.begin_day(day)
+            builder.add_parquet(day, path)
+            builder.end_day(day, rows[day])
+    except BaseException:
+        builder.abort()
+        raise
+    builder.finish()
 
 
 def _count(con: duckdb.DuckDBPyConnection, day: date) -> int:

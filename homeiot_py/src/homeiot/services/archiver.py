@@ -20,14 +20,16 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -197,34 +199,43 @@ def archive_days(settings: ArchiveSettings, days: list[date],
         archived = duckdb_store.archived_days(paths.live, paths.memory_limit)
         live_counts = duckdb_store.day_counts(paths.live, paths.memory_limit)
         staged: dict[date, tuple[Path, int]] = {}
+        builder = duckdb_store.NextBuilder(paths, allow_shrink=allow_shrink)
+        build = _BuildThread()
         try:
             with InfluxClient(settings.influx) as influx:
                 for index, day in enumerate(days, 1):
                     if progress is not None:
                         progress(index, len(days), day)
                     started = time.monotonic()
-                    path, rows = export_day(influx, settings, day)
+                    build.call(builder.begin_day, day)
+                    path, rows = parquet.stage_day(
+                        settings.parquet_root, day,
+                        build.tee(builder, day, _day_batches(influx, settings, day)))
                     staged[day] = (path, rows)
-                    pa.default_memory_pool().release_unused()  # hand the export's buffers back
                     held = held_rows(settings, archived, day)
                     duckdb_store.check_shrink(day, held, rows, allow_shrink=allow_shrink)
+                    build.call(builder.end_day, day, rows)
                     _kill_point("parquet_staged")
                     results.append(DayResult(day, rows, time.monotonic() - started))
                     logger.info("archive: day=%s rows=%d staged seconds=%.2f", day, rows,
                                 results[-1].seconds)
             started = time.monotonic()
-            files = {day: path for day, (path, _) in staged.items()}
-            duckdb_store.build_next(paths, files, {d: n for d, (_, n) in staged.items()},
-                                    allow_shrink=allow_shrink)
+            build.close()
+            builder.finish()
+            pa.default_memory_pool().release_unused()  # hand the export's buffers back
             built = time.monotonic()
             _kill_point("next_built")
+            files = {day: path for day, (path, _) in staged.items()}
             duckdb_store.verify_next(paths, files, live_counts,
                                      timeout_s=settings.verify_timeout_s)
             verified = time.monotonic()
             _kill_point("before_swap")
         except BaseException:
+            build.close(raise_error=False)
+            builder.abort()
             for path, _ in staged.values():
                 path.unlink(missing_ok=True)
+            parquet.clean_staging(settings.parquet_root)
             duckdb_store.remove_leftovers(paths)
             raise
         _write_manifest(settings, staged)
@@ -233,6 +244,45 @@ def archive_days(settings: ArchiveSettings, days: list[date],
                     "build_seconds=%.2f verify_seconds=%.2f", len(staged), paths.next.name,
                     paths.live.name, paths.prev.name, built - started, verified - built)
     return results
+
+
+class _BuildThread:
+    """Runs the DuckDB build on its own thread, fed through a bounded queue, so DuckDB ingests a
+    day's batches while the next ones are exported and written as Parquet (DuckDB and pyarrow
+    release the GIL). The first error stops the build; :meth:`close` re-raises it."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
+            queue.Queue(maxsize=8))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="archive-build", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    item[0](*item[1])
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller in close()
+                    self._error = exc
+
+    def call(self, method: Callable[..., None], *args: Any) -> None:
+        if self._error is not None:
+            self.close()
+        self._queue.put((method, args))
+
+    def tee(self, builder: duckdb_store.NextBuilder, day: date,
+            batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            self.call(builder.add, day, batch)
+            yield batch
+
+    def close(self, *, raise_error: bool = True) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if raise_error and self._error is not None:
+            raise self._error
 
 
 def influx_field_counts(influx: InfluxClient, settings: ArchiveSettings, day: date
