@@ -351,6 +351,8 @@ def restore_days(settings: ArchiveSettings, days: Sequence[date],
                 progress(index, len(days), day)
             started = time.monotonic()
             rows = 0
+            if parquet.partition_rows(settings.parquet_root, day) is None:
+                logger.warning("restore: day=%s has no archived partition; skipped", day)
             for batch in parquet.read_day(settings.parquet_root, day):
                 lines = [encode_reading(Reading(**row), measurement) for row in batch.to_pylist()]
                 influx.write(lines)
