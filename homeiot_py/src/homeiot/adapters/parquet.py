@@ -103,7 +103,9 @@ def stage_day(root: Path, day: date, batches: Iterable[pa.RecordBatch]) -> tuple
     rows = 0
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    with pq.ParquetWriter(path, SCHEMA, compression="zstd") as writer:
+    # Dictionary encoding only where values repeat (the source): on measured values it is work
+    # that falls back to plain encoding anyway.
+    with pq.ParquetWriter(path, SCHEMA, compression="zstd", use_dictionary=["source"]) as writer:
         for batch in batches:
             pending.append(batch)
             pending_rows += batch.num_rows
