@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -30,7 +30,8 @@ _ARROW_TYPES: dict[table.Kind, pa.DataType] = {
 #: The archive's columns (``dt`` is the hive partition, not a column in the files).
 SCHEMA = pa.schema([pa.field(c.name, _ARROW_TYPES[c.kind], nullable=c.nullable)
                     for c in table.COLUMNS])
-ROW_GROUP_ROWS = 131_072
+#: Rows per Parquet row group: DuckDB's row group size, so each INSERT hands DuckDB whole ones.
+ROW_GROUP_ROWS = 122_880
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +95,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def stage_day(root: Path, day: date, batches: Iterable[pa.RecordBatch]) -> tuple[Path, int]:
+def stage_day(root: Path, day: date, batches: Iterable[pa.RecordBatch],
+              on_row_group: Callable[[pa.Table], None] | None = None) -> tuple[Path, int]:
     """Stream ``batches`` into a fsynced staging file under ``{root}/.staging``; returns it and
-    its row count. Memory stays at about one row group."""
+    its row count. Memory stays at about one row group. ``on_row_group`` sees each row group
+    as it is written (the archiver hands it to DuckDB)."""
     staging = root / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / f"{TABLE}-dt={day.isoformat()}-{uuid.uuid4().hex}.parquet"
@@ -110,11 +113,17 @@ def stage_day(root: Path, day: date, batches: Iterable[pa.RecordBatch]) -> tuple
             pending.append(batch)
             pending_rows += batch.num_rows
             if pending_rows >= ROW_GROUP_ROWS:
-                writer.write_table(pa.Table.from_batches(pending, SCHEMA))
+                group = pa.Table.from_batches(pending, SCHEMA)
+                if on_row_group is not None:
+                    on_row_group(group)
+                writer.write_table(group)
                 rows += pending_rows
                 pending, pending_rows = [], 0
         if pending:
-            writer.write_table(pa.Table.from_batches(pending, SCHEMA))
+            group = pa.Table.from_batches(pending, SCHEMA)
+            if on_row_group is not None:
+                on_row_group(group)
+            writer.write_table(group)
             rows += pending_rows
     with path.open("rb+") as handle:
         os.fsync(handle.fileno())

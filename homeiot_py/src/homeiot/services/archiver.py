@@ -17,6 +17,7 @@ readings; :func:`restore_days` writes archived days back into InfluxDB.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -209,8 +210,8 @@ def archive_days(settings: ArchiveSettings, days: list[date],
                     started = time.monotonic()
                     build.call(builder.begin_day, day)
                     path, rows = parquet.stage_day(
-                        settings.parquet_root, day,
-                        build.tee(builder, day, _day_batches(influx, settings, day)))
+                        settings.parquet_root, day, _day_batches(influx, settings, day),
+                        functools.partial(build.call, builder.add, day))
                     staged[day] = (path, rows)
                     held = held_rows(settings, archived, day)
                     duckdb_store.check_shrink(day, held, rows, allow_shrink=allow_shrink)
@@ -248,12 +249,12 @@ def archive_days(settings: ArchiveSettings, days: list[date],
 
 class _BuildThread:
     """Runs the DuckDB build on its own thread, fed through a bounded queue, so DuckDB ingests a
-    day's batches while the next ones are exported and written as Parquet (DuckDB and pyarrow
+    day's row groups while the next ones are exported and written as Parquet (DuckDB and pyarrow
     release the GIL). The first error stops the build; :meth:`close` re-raises it."""
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
-            queue.Queue(maxsize=8))
+            queue.Queue(maxsize=2))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="archive-build", daemon=True)
         self._thread.start()
@@ -270,12 +271,6 @@ class _BuildThread:
         if self._error is not None:
             self.close()
         self._queue.put((method, args))
-
-    def tee(self, builder: duckdb_store.NextBuilder, day: date,
-            batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            self.call(builder.add, day, batch)
-            yield batch
 
     def close(self, *, raise_error: bool = True) -> None:
         if self._thread.is_alive():
