@@ -16,14 +16,19 @@ APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap curl
 MOLECULE_SCENARIOS := $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 WHEELHOUSE := .cache/wheelhouse
+# A DuckDB 1.x CLI, the one a user has: the archive's storage-compatibility test runs the seed's
+# `duckdb …` command with it. Kept out of the venv (its own directory, pinned).
+DUCKDB_CLI_VERSION := 1.5.6
+DUCKDB_CLI_DIR := .cache/duckdb-cli-$(DUCKDB_CLI_VERSION)
+DUCKDB_CLI := $(DUCKDB_CLI_DIR)/duckdb_cli/duckdb
 PKG_SOURCES := $(shell find $(PKG)/src -type f \( -name '*.py' -o -name '*.json' -o -name 'py.typed' \) 2>/dev/null)
 
-.PHONY: help setup setup-apt setup-venv setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
+.PHONY: help setup setup-apt setup-venv setup-tools setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: setup-apt setup-venv images ## Install everything the tests need, start dockerd, build images (quick on re-run)
+setup: setup-apt setup-venv setup-tools images ## Install everything the tests need, start dockerd, build images (quick on re-run)
 
 setup-apt: ## Debian packages: real Mosquitto, InfluxDB 1.x, Docker, debootstrap
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -40,6 +45,15 @@ $(VENV)/.stamp: requirements-dev.txt $(PKG)/pyproject.toml
 	touch $@
 
 setup-venv: $(VENV)/.stamp ## The control-node venv: pinned tools + homeiot (editable)
+
+$(DUCKDB_CLI): | $(VENV)/.stamp
+	rm -rf $(DUCKDB_CLI_DIR).tmp
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
+	    --target $(DUCKDB_CLI_DIR).tmp duckdb-cli==$(DUCKDB_CLI_VERSION)
+	chmod +x $(DUCKDB_CLI_DIR).tmp/duckdb_cli/duckdb
+	rm -rf $(DUCKDB_CLI_DIR) && mv $(DUCKDB_CLI_DIR).tmp $(DUCKDB_CLI_DIR)
+
+setup-tools: $(DUCKDB_CLI) ## Test tools outside the venv: a DuckDB 1.x CLI (pinned, in .cache/)
 
 setup-docker: ## Start dockerd when it is not running (Molecule needs it)
 	@if ! docker info >/dev/null 2>&1; then \

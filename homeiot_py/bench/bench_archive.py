@@ -2,8 +2,10 @@
 
 Reference measured in the same run: the raw export of that day — the same chunked InfluxQL query
 fetched with curl to /dev/null. Then ``run_archive`` for that day (wall time and peak RSS), then
-the same day again after the DuckDB history has grown to 90 days. Prints one summary line; asserts
-nothing about time.
+the same day again after the DuckDB history has grown to 90 days (reconciliation on, as in every
+run). After every run the rows of the day in the resulting Parquet partition and DuckDB table are
+counted and the benchmark fails unless both equal the rows loaded. Prints one summary line;
+asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -86,6 +88,29 @@ def timed_archive(env: dict[str, str]) -> tuple[float, float]:
     return seconds, peak
 
 
+def archived_rows(root: Path) -> tuple[int, int]:
+    """Rows of DAY in the resulting Parquet partition (its files' footers) and DuckDB table (a
+    fresh read-only connection): what was archived, not what was loaded."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    partition = root / "parquet" / "raw_meter_readings" / f"dt={DAY.isoformat()}"
+    in_parquet = sum(pq.ParquetFile(f).metadata.num_rows for f in partition.glob("*.parquet"))
+    con = duckdb.connect(str(root / "duckdb" / "home_energy.duckdb"), read_only=True)
+    row = con.execute("SELECT count(*) FROM raw_meter_readings WHERE dt = ?", [DAY]).fetchone()
+    con.close()
+    return int(in_parquet), int(row[0]) if row else 0
+
+
+def checked_archive(env: dict[str, str], root: Path, loaded: int) -> tuple[float, float]:
+    """:func:`timed_archive`, then fail unless Parquet and DuckDB hold every loaded row."""
+    seconds, rss = timed_archive(env)
+    in_parquet, in_duckdb = archived_rows(root)
+    if not in_parquet == in_duckdb == loaded:
+        raise SystemExit(f"archive_bench FAILED: loaded={loaded} parquet_rows={in_parquet} "
+                         f"duckdb_rows={in_duckdb}")
+    return seconds, rss
+
+
 def grow_history(path: Path, rows_per_day: int) -> None:
     """Fill the live database with 89 more days of the same shape, as the archive would hold."""
     con = duckdb.connect(str(path))
@@ -125,18 +150,20 @@ def main() -> None:
                    "INFLUXDB_TIMEOUT_S": "600", "ARCHIVE_PARQUET_ROOT": str(root / "parquet"),
                    "ARCHIVE_DUCKDB_PATH": str(root / "duckdb" / "home_energy.duckdb")}
             # Best of two, like the reference (the second run re-archives the same day).
-            runs = [timed_archive(env) for _ in range(2)]
+            runs = [checked_archive(env, root, rows) for _ in range(2)]
             seconds, rss = min(r[0] for r in runs), max(r[1] for r in runs)
             grown_at = time.perf_counter()
             grow_history(root / "duckdb" / "home_energy.duckdb", rows)
             size_mb = (root / "duckdb" / "home_energy.duckdb").stat().st_size / 1e6
             print(f"history grown to {HISTORY_DAYS} days ({size_mb:.0f} MB) in "
                   f"{time.perf_counter() - grown_at:.0f} s", file=sys.stderr)
-            runs90 = [timed_archive(env) for _ in range(2)]
+            runs90 = [checked_archive(env, root, rows) for _ in range(2)]
             seconds90, rss90 = min(r[0] for r in runs90), max(r[1] for r in runs90)
+            archived = archived_rows(root)
         finally:
             server.process.stop()
-    print(f"archive_bench rows={rows} seconds={seconds:.1f} raw_export_seconds={raw:.1f} "
+    print(f"archive_bench rows={rows} archived_parquet={archived[0]} archived_duckdb={archived[1]} "
+          f"seconds={seconds:.1f} raw_export_seconds={raw:.1f} "
           f"ratio={seconds / raw:.2f} peak_rss_mb={max(rss, rss90):.0f} "
           f"history90_ratio={seconds90 / seconds:.2f}")
 

@@ -407,6 +407,10 @@ class ArchiveSettings:
     max_days: int = 31
     source_default: str = DEFAULT_SOURCE
     duckdb_memory_limit: str = "128MB"
+    #: Trailing archived days each run compares with InfluxDB (0: none).
+    reconcile_days: int = 7
+    #: Seconds the fresh-process verification of the built database may take.
+    verify_timeout_s: int = 3600
 
 
 _MEMORY_LIMIT = re.compile(r"[1-9][0-9]{0,5}(\.[0-9]+)?\s*(KB|MB|GB|KiB|MiB|GiB)")
@@ -427,6 +431,8 @@ def load_archive(env: Env | None = None) -> ArchiveSettings:
         max_days=_int(env, "ARCHIVE_MAX_DAYS", 31, 1, 3660),
         source_default=load_source_default(env),
         duckdb_memory_limit=_memory_limit(env),
+        reconcile_days=_int(env, "ARCHIVE_RECONCILE_DAYS", 7, 0, 366),
+        verify_timeout_s=_int(env, "ARCHIVE_VERIFY_TIMEOUT_S", 3600, 1, 86_400),
     )
 
 

@@ -2,14 +2,14 @@
 
 A day is written as a stream of row groups to a staging file outside the partition root, fsynced,
 and moved into place with one atomic rename, so readers see the old day or the new day, never half
-of one. Re-running a day replaces it.
+of one. The archiver publishes a day only after DuckDB's copy was built and verified.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -17,24 +17,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TABLE = "raw_meter_readings"
+from homeiot.core import table
+
+TABLE = table.TABLE
 PART_NAME = "part-0.parquet"
 STAGING = ".staging"
 
+_ARROW_TYPES: dict[table.Kind, pa.DataType] = {
+    "timestamp": pa.timestamp("ms", tz="UTC"), "string": pa.string(), "int": pa.int64(),
+    "float": pa.float64(), "date": pa.date32()}
+
 #: The archive's columns (``dt`` is the hive partition, not a column in the files).
-SCHEMA = pa.schema([
-    pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("seq", pa.int64()),
-    pa.field("power_w", pa.float64()),
-    pa.field("current_r_a", pa.float64()),
-    pa.field("current_t_a", pa.float64()),
-    pa.field("energy_normal_kwh", pa.float64()),
-    pa.field("energy_reverse_kwh", pa.float64()),
-    pa.field("fixed_ts", pa.timestamp("ms", tz="UTC")),
-    pa.field("fixed_energy_normal_kwh", pa.float64()),
-])
-ROW_GROUP_ROWS = 131_072
+SCHEMA = pa.schema([pa.field(c.name, _ARROW_TYPES[c.kind], nullable=c.nullable)
+                    for c in table.COLUMNS])
+#: Rows per Parquet row group: DuckDB's row group size, so each INSERT hands DuckDB whole ones.
+ROW_GROUP_ROWS = 122_880
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,29 +45,49 @@ def partition_dir(root: Path, day: date) -> Path:
     return root / TABLE / f"dt={day.isoformat()}"
 
 
-#: Column types of InfluxDB's CSV for our measurement (``time`` in epoch milliseconds).
-CSV_TYPES = {"name": pa.string(), "tags": pa.string(), "time": pa.int64(), "source": pa.string(),
-             "seq": pa.int64(), "fixed_ts_ms": pa.int64(),
-             **{f.name: pa.float64() for f in SCHEMA if f.type == pa.float64()}}
+#: Column types of InfluxDB's CSV for our measurement (``time`` and ``fixed_ts_ms`` in epoch
+#: milliseconds).
+CSV_TYPES = {"name": pa.string(), "tags": pa.string(),
+             **{c.influx: pa.int64() if c.kind == "timestamp" else _ARROW_TYPES[c.kind]
+                for c in table.COLUMNS}}
 
 
 def from_csv_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
     """A batch of InfluxDB CSV columns → a record batch in the archive schema."""
     names = batch.schema.names
     arrays = []
-    for schema_field in SCHEMA:
-        source = {"ts": "time", "fixed_ts": "fixed_ts_ms"}.get(schema_field.name, schema_field.name)
-        if source in names:
-            column = batch.column(names.index(source))
+    for column, schema_field in zip(table.COLUMNS, SCHEMA, strict=True):
+        if column.influx in names:
+            array = batch.column(names.index(column.influx))
             if pa.types.is_timestamp(schema_field.type):
-                column = column.cast(pa.int64()).cast(schema_field.type)
-            arrays.append(column.cast(schema_field.type))
+                array = array.cast(pa.int64()).cast(schema_field.type)
+            arrays.append(array.cast(schema_field.type))
         else:
             arrays.append(pa.nulls(batch.num_rows, schema_field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
-def _fsync_dir(path: Path) -> None:
+def partition_rows(root: Path, day: date) -> int | None:
+    """Rows in a day's published partition (from the Parquet footers); None when there is none."""
+    directory = partition_dir(root, day)
+    if not directory.is_dir():
+        return None
+    files = sorted(directory.glob("*.parquet"))
+    if not files:
+        return None
+    return sum(int(pq.ParquetFile(f).metadata.num_rows) for f in files)
+
+
+def read_day(root: Path, day: date, batch_rows: int = 10_000) -> Iterator[pa.RecordBatch]:
+    """The published partition of ``day``, in batches (nothing when it does not exist)."""
+    path = partition_dir(root, day) / PART_NAME
+    if not path.exists():
+        return
+    with pq.ParquetFile(path) as handle:
+        yield from handle.iter_batches(batch_size=batch_rows)
+
+
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -78,25 +95,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def stage_day(root: Path, day: date, batches: Iterable[pa.RecordBatch]) -> tuple[Path, int]:
+def stage_day(root: Path, day: date, batches: Iterable[pa.RecordBatch],
+              on_row_group: Callable[[pa.Table], None] | None = None) -> tuple[Path, int]:
     """Stream ``batches`` into a fsynced staging file under ``{root}/.staging``; returns it and
-    its row count. Memory stays at about one row group."""
+    its row count. Memory stays at about one row group. ``on_row_group`` sees each row group
+    as it is written (the archiver hands it to DuckDB)."""
     staging = root / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / f"{TABLE}-dt={day.isoformat()}-{uuid.uuid4().hex}.parquet"
     rows = 0
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    with pq.ParquetWriter(path, SCHEMA, compression="zstd") as writer:
+    # Dictionary encoding only where values repeat (the source): on measured values it is work
+    # that falls back to plain encoding anyway.
+    with pq.ParquetWriter(path, SCHEMA, compression="zstd", use_dictionary=["source"]) as writer:
         for batch in batches:
             pending.append(batch)
             pending_rows += batch.num_rows
             if pending_rows >= ROW_GROUP_ROWS:
-                writer.write_table(pa.Table.from_batches(pending, SCHEMA))
+                group = pa.Table.from_batches(pending, SCHEMA)
+                if on_row_group is not None:
+                    on_row_group(group)
+                writer.write_table(group)
                 rows += pending_rows
                 pending, pending_rows = [], 0
         if pending:
-            writer.write_table(pa.Table.from_batches(pending, SCHEMA))
+            group = pa.Table.from_batches(pending, SCHEMA)
+            if on_row_group is not None:
+                on_row_group(group)
+            writer.write_table(group)
             rows += pending_rows
     with path.open("rb+") as handle:
         os.fsync(handle.fileno())
@@ -112,8 +139,8 @@ def publish_day(root: Path, day: date, staged: Path, rows: int) -> WrittenDay:
     for other in target_dir.iterdir():  # files of an older layout would double the day
         if other.name != PART_NAME:
             other.unlink()
-    _fsync_dir(target_dir)
-    _fsync_dir(target_dir.parent)
+    fsync_dir(target_dir)
+    fsync_dir(target_dir.parent)
     return WrittenDay(day, target, rows)
 
 

@@ -24,13 +24,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
 import homeiot
 from homeiot.adapters.deadletters import DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
+from homeiot.core import table
 from homeiot.core.errors import RejectedError, TransientError
-from homeiot.core.reading import FLOAT_FIELDS, MAX_TS, MIN_TS, SOURCE_PATTERN, epoch_ms
+from homeiot.core.reading import MAX_TS, MIN_TS, SOURCE_PATTERN, epoch_ms
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ LATEST_WINDOW = timedelta(days=30)
 _EVERY = re.compile(r"([1-9][0-9]{0,3})(s|m|h|d)")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SOURCE_REGEX = SOURCE_PATTERN.pattern
-_READING_FIELDS = ("seq", *FLOAT_FIELDS)
+_READING_FIELDS = tuple(c.influx for c in table.VALUES)
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,16 @@ class ApiContext:
     problems: Callable[[], list[str]] = list
 
 
-class ReadingOut(BaseModel):
+class _ReadingKey(BaseModel):
     time: datetime
     source: str
-    seq: int | None = None
-    power_w: float | None = None
-    current_r_a: float | None = None
-    current_t_a: float | None = None
-    energy_normal_kwh: float | None = None
-    energy_reverse_kwh: float | None = None
-    fixed_energy_normal_kwh: float | None = None
+
+
+#: A reading: its time and source, then every measured value of the archive's table definition
+#: (``homeiot.core.table.VALUES``), each optional.
+_READING_VALUES: dict[str, Any] = {
+    c.name: (int | None if c.kind == "int" else float | None, None) for c in table.VALUES}
+ReadingOut = create_model("ReadingOut", __base__=_ReadingKey, **_READING_VALUES)
 
 
 class Readings(BaseModel):
@@ -211,7 +212,7 @@ def metrics(ctx: Ctx) -> PlainTextResponse:
 
 @api.get("/latest", response_model=ReadingOut, tags=["readings"],
          responses={404: {"description": "No reading in the last 30 days"}})
-def latest(ctx: Ctx, source: SourceParam = None) -> ReadingOut:
+def latest(ctx: Ctx, source: SourceParam = None) -> _ReadingKey:
     """The newest reading of a source (within the last 30 days)."""
     src = source or ctx.source_default
     since = ctx.clock() - LATEST_WINDOW
