@@ -66,21 +66,44 @@ setup-docker: ## Start dockerd when it is not running (Molecule needs it)
 images: setup-docker ## Molecule's images, built offline (base images cached in .cache/images)
 	molecule/resources/images.sh
 
-# The hosts install homeiot from this directory only (no PyPI): the homeiot wheel plus every
-# dependency at the version the tests ran with (constraints = the venv), for Python 3.11.
+# The hosts install homeiot from a wheelhouse only (no PyPI): the homeiot wheel plus every
+# dependency at the version the tests ran with (constraints = the venv), downloaded for the
+# platform and Python each host runs, never for the control node's own:
+#   .cache/wheelhouse/server  homeiot[server] for the server image (debian:bookworm-slim: CPython
+#                             3.11; SERVER_ARCH=x86_64, or aarch64 for e.g. a Raspberry Pi 5 server)
+#   .cache/wheelhouse/pi      homeiot (the publisher's dependencies only) for the Pi's CPython
+#                             (Raspberry Pi OS bookworm: 3.11) and CPU (PI_ARCH: aarch64, armv7l)
+# Each role's preflight compares the wheels' tags with its target and stops before copying.
 # SOURCE_DATE_EPOCH makes the homeiot wheel byte-identical for identical sources, so a rebuild
-# does not make the next converge rebuild the server image.
-$(WHEELHOUSE)/.stamp: $(VENV)/.stamp $(PKG_SOURCES)
-	rm -rf $(WHEELHOUSE).tmp && mkdir -p $(WHEELHOUSE).tmp
+# does not make the next converge rebuild the server image or reinstall the Pi's venv.
+SERVER_PYTHON ?= 3.11
+SERVER_ARCH   ?= x86_64
+PI_PYTHON     ?= 3.11
+PI_ARCH       ?= aarch64
+# manylinux wheels a glibc 2.36 system (bookworm) installs: manylinux_2_17 … manylinux_2_36.
+MANYLINUX_GLIBC := $(shell seq 17 36)
+wheel_target = --only-binary=:all: --python-version $(1) --implementation cp \
+    --abi cp$(subst .,,$(1)) --abi abi3 --abi none \
+    $(foreach g,$(MANYLINUX_GLIBC),--platform manylinux_2_$(g)_$(2)) --platform manylinux2014_$(2) \
+    --platform linux_$(2)
+WHEELHOUSE_STAMP := $(WHEELHOUSE)/.stamp-server-$(SERVER_PYTHON)-$(SERVER_ARCH)-pi-$(PI_PYTHON)-$(PI_ARCH)
+
+$(WHEELHOUSE_STAMP): $(VENV)/.stamp $(PKG_SOURCES)
+	rm -rf $(WHEELHOUSE).tmp && mkdir -p $(WHEELHOUSE).tmp/src
 	$(PY) -m pip freeze --exclude-editable >$(WHEELHOUSE).tmp/constraints.txt
 	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps \
-	    -w $(WHEELHOUSE).tmp './$(PKG)'
-	$(PY) -m pip wheel --quiet --disable-pip-version-check -w $(WHEELHOUSE).tmp \
-	    -c $(WHEELHOUSE).tmp/constraints.txt --find-links $(WHEELHOUSE).tmp 'homeiot[server]'
-	rm -f $(WHEELHOUSE).tmp/constraints.txt
+	    -w $(WHEELHOUSE).tmp/src './$(PKG)'
+	$(PY) -m pip download --quiet --disable-pip-version-check -d $(WHEELHOUSE).tmp/server \
+	    $(call wheel_target,$(SERVER_PYTHON),$(SERVER_ARCH)) \
+	    -c $(WHEELHOUSE).tmp/constraints.txt --find-links $(WHEELHOUSE).tmp/src 'homeiot[server]'
+	$(PY) -m pip download --quiet --disable-pip-version-check -d $(WHEELHOUSE).tmp/pi \
+	    $(call wheel_target,$(PI_PYTHON),$(PI_ARCH)) \
+	    -c $(WHEELHOUSE).tmp/constraints.txt --find-links $(WHEELHOUSE).tmp/src homeiot
+	rm -rf $(WHEELHOUSE).tmp/src $(WHEELHOUSE).tmp/constraints.txt
 	rm -rf $(WHEELHOUSE) && mv $(WHEELHOUSE).tmp $(WHEELHOUSE) && touch $@
+	@for d in server pi; do echo "wheelhouse/$$d: $$(ls $(WHEELHOUSE)/$$d | wc -l) wheels, $$(du -sh $(WHEELHOUSE)/$$d | cut -f1)"; done
 
-wheelhouse: $(WHEELHOUSE)/.stamp ## homeiot + pinned dependencies as wheels for the hosts (.cache/wheelhouse)
+wheelhouse: $(WHEELHOUSE_STAMP) ## Wheels for the server image and the Pi (.cache/wheelhouse/{server,pi}); SERVER_ARCH=aarch64 for an arm64 server
 
 lint: lint-python lint-ansible ## ruff, mypy --strict, yamllint, ansible-lint --profile production
 

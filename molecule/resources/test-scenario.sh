@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run one Molecule scenario's full sequence — create, prepare, converge, idempotence, a
+# Run one Molecule scenario's full sequence — create, prepare, a `--check --diff` run on the
+# fresh hosts that must run to the end (what a first run would do), converge, idempotence, a
 # `--check --diff` run that must report nothing to change, verify — and always destroy.
 #
 #   molecule/resources/test-scenario.sh SCENARIO
@@ -15,10 +16,48 @@ cleanup() { molecule destroy -s "$scenario" >"$log_dir/$scenario.destroy.log" 2>
 trap cleanup EXIT
 
 molecule destroy -s "$scenario" >"$log_dir/$scenario.destroy.log" 2>&1
-for step in create prepare converge idempotence; do
+step_started=$started
+step_done() { echo "== $scenario: $1 took $(( $(date +%s) - step_started )) s"; step_started=$(date +%s); }
+
+for step in create prepare; do
     echo "== $scenario: $step"
     molecule "$step" -s "$scenario"
 done
+step_done create+prepare
+
+echo "== $scenario: check on fresh hosts (--check --diff must run to the end)"
+ANSIBLE_DIFF_ALWAYS=true molecule check -s "$scenario" >"$log_dir/$scenario.check-fresh.log" 2>&1 || {
+    tail -60 "$log_dir/$scenario.check-fresh.log" >&2
+    echo "FAIL: --check --diff on fresh hosts stopped (log: $log_dir/$scenario.check-fresh.log)" >&2
+    exit 1
+}
+grep -A3 'PLAY RECAP' "$log_dir/$scenario.check-fresh.log" | tail -n +2
+step_done check-fresh
+
+for step in converge idempotence; do
+    echo "== $scenario: $step"
+    molecule "$step" -s "$scenario"
+    step_done "$step"
+done
+
+# Tagged runs the README promises (molecule/<scenario>/tagged-runs: one set of ansible-playbook
+# arguments per line): each runs alone, touches only its host and changes nothing after converge.
+if [ -f "molecule/$scenario/tagged-runs" ]; then
+    while read -r args; do
+        case "$args" in ''|'#'*) continue;; esac
+        echo "== $scenario: converge $args (must change nothing)"
+        # shellcheck disable=SC2086  # the line is a list of arguments
+        molecule converge -s "$scenario" -- $args >"$log_dir/$scenario.tagged.log" 2>&1 || {
+            tail -40 "$log_dir/$scenario.tagged.log" >&2; echo "FAIL: converge $args" >&2; exit 1; }
+        recap=$(sed 's/\x1b\[[0-9;]*m//g' "$log_dir/$scenario.tagged.log" | grep -E '^\S.* : ok=|│ \S.* : ok=' || true)
+        echo "$recap"
+        if echo "$recap" | grep -qE 'changed=[1-9]|failed=[1-9]'; then
+            echo "FAIL: converge $args changed something after converge" >&2; exit 1
+        fi
+        [ "$(echo "$recap" | grep -c 'ok=')" -eq 1 ] || { echo "FAIL: converge $args ran on more than one host" >&2; exit 1; }
+    done <"molecule/$scenario/tagged-runs"
+    step_done tagged-runs
+fi
 
 echo "== $scenario: check (--check --diff must change nothing)"
 ANSIBLE_DIFF_ALWAYS=true molecule check -s "$scenario" 2>&1 | tee "$log_dir/$scenario.check.log"
@@ -28,7 +67,9 @@ if grep -qE 'changed=[1-9]' "$log_dir/$scenario.check.log"; then
     exit 1
 fi
 grep -q 'PLAY RECAP' "$log_dir/$scenario.check.log" || { echo "FAIL: the check run printed no recap" >&2; exit 1; }
+step_done check
 
 echo "== $scenario: verify"
 molecule verify -s "$scenario"
+step_done verify
 echo "== $scenario: passed in $(( $(date +%s) - started )) s"
