@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import itertools
 import re
 import shlex
 import tomllib
@@ -39,6 +40,7 @@ PLAYBOOK_VALUE_OPTIONS = frozenset({
 WORD = re.compile(r"[a-z][a-z0-9-]*")
 CONSOLE_SCRIPT = re.compile(r"(?<![\w./-])(homeiot-(?:gateway|publisher|archive))(?![\w.-])")
 PYTHON_M = re.compile(r"\bpython3?\s+-m\s+([A-Za-z_][\w.]*)")
+ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 MAKE_TARGET = re.compile(r"[A-Za-z0-9_./-]+")
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE = re.compile(r"(`+)(.+?)\1")
@@ -95,7 +97,7 @@ def commands(text: str) -> list[list[str]]:
     result = []
     for part in re.split(r"&&|\|\||[;|]", text):
         words = _split_words(part)
-        while words and (words[0] in {"$", "sudo", "exec"} or re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0])):
+        while words and (words[0] in {"$", "sudo", "exec"} or ASSIGNMENT.fullmatch(words[0])):
             words = words[1:]
         if words:
             result.append(words)
@@ -176,8 +178,9 @@ def problems_of(quote: Quote) -> list[str]:  # noqa: PLR0912 - one branch per co
             if playbook is not None and not (REPO / playbook).is_file():
                 problems.append(f"{quote.where()}: `ansible-playbook {playbook}`: no such playbook")
         elif program == "molecule":
-            for option, value in zip(arguments, arguments[1:], strict=False):
-                if option in {"-s", "--scenario-name"} and not (REPO / "molecule" / value / "molecule.yml").is_file():
+            for option, value in itertools.pairwise(arguments):
+                scenario = REPO / "molecule" / value / "molecule.yml"
+                if option in {"-s", "--scenario-name"} and not scenario.is_file():
                     problems.append(f"{quote.where()}: molecule scenario {value!r} does not exist")
     return problems
 
