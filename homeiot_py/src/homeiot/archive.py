@@ -146,12 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             days = sorted({*days, *late})
             if not days:
                 logger.info("archive: nothing to do; archived through %s", last)
+                archiver.record_success(settings, 0, 0)
                 return 0
             logger.info("archive: days=%d first=%s last=%s reconciled=%d tz=%s", len(days),
                         days[0], days[-1], len(late), settings.timezone.key)
             results = archiver.archive_days(settings, days, progress,
                                             allow_shrink=args.allow_shrink)
             verb = "archive"
+            archiver.record_success(settings, len(results), sum(r.rows for r in results))
         if progress is not None:
             sys.stderr.write("\n")
     except (HomeIotError, OSError) as exc:

@@ -9,6 +9,10 @@ absolute ``now()`` windows, so nothing depends on Grafana's macro expansion.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,11 +20,14 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import InfluxSettings
 from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.simulation import SimulatedMeter
+from tests.gateway_support import Publisher, RunningGateway, gateway_settings, wait_until
+from tests.services import Influxd, Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -147,3 +154,93 @@ def test_replayed_dead_letters_do_not_fire(client: InfluxClient) -> None:
     client.write([_status("gateway", now - timedelta(minutes=m), dead_letters=n,
                           broker_cert_days_left=400.0) for m, n in ((40, 7), (20, 0))])
     assert evaluate(client, RULES["homeiot-dead-letters"]) == {"": False}
+
+
+# --- the signals come from the real components -------------------------------------------------
+
+
+def test_a_successful_archive_run_clears_the_archive_alert(influx_db: InfluxSettings,
+                                                           tmp_path: Path) -> None:
+    """The archiver itself stores its success: after a real run the rule no longer fires."""
+    env = {**os.environ, "INFLUXDB_URL": influx_db.url, "INFLUXDB_DB": influx_db.database,
+           "ARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
+           "ARCHIVE_DUCKDB_PATH": str(tmp_path / "duckdb" / "home_energy.duckdb")}
+    rule = RULES["homeiot-archive-stale"]
+    with InfluxClient(influx_db) as client:
+        assert evaluate(client, rule) == "Alerting"
+        yesterday = _now() - timedelta(days=1)
+        meter = SimulatedMeter("meter1")
+        client.write([encode_reading(meter.read(yesterday + timedelta(minutes=30 * i)))
+                      for i in range(4)])
+        done = subprocess.run([sys.executable, "-m", "homeiot_batch.run_archive"], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr
+        assert evaluate(client, rule) == {"": False}
+        rows = list(client.rows('SELECT "ok", "days", "rows" FROM "homeiot_status" '
+                                "WHERE \"component\" = 'archive'"))
+        assert len(rows) == 1
+        assert rows[0]["ok"] == 1
+        assert rows[0]["days"] >= 1
+        assert rows[0]["rows"] >= 1
+
+
+def test_a_failed_archive_run_leaves_the_alert_firing(influx_db: InfluxSettings,
+                                                      tmp_path: Path) -> None:
+    env = {**os.environ, "INFLUXDB_URL": influx_db.url, "INFLUXDB_DB": influx_db.database,
+           "ARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
+           "ARCHIVE_DUCKDB_PATH": str(tmp_path / "duckdb" / "home_energy.duckdb")}
+    done = subprocess.run([sys.executable, "-m", "homeiot_batch.run_archive", "--date", "not-a-day"],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0
+    with InfluxClient(influx_db) as client:
+        assert evaluate(client, RULES["homeiot-archive-stale"]) == "Alerting"
+
+
+def test_the_gateway_stores_its_dead_letters_and_the_brokers_certificate(
+        mosquitto: Mosquitto, influx_db: InfluxSettings, tmp_path: Path) -> None:
+    """A real gateway connected over TLS stores the days left on the certificate the broker
+    presented (the test PKI's) and the dead letters it holds; a new dead letter fires the rule."""
+    running = RunningGateway(gateway_settings(mosquitto, influx_db, tmp_path))
+    try:
+        expires = x509.load_pem_x509_certificate(
+            mosquitto.pki.server_cert.read_bytes()).not_valid_after_utc
+        running.gateway.write_status()
+        with InfluxClient(influx_db) as client:
+            # The writer also stores a sample as it starts (before the TLS connection): the last.
+            rows = list(client.rows('SELECT "dead_letters", "broker_cert_days_left" FROM '
+                                    "\"homeiot_status\" WHERE \"component\" = 'gateway' "
+                                    "ORDER BY time DESC LIMIT 1"))
+            assert rows[0]["dead_letters"] == 0
+            expected = (expires - datetime.now(UTC)).total_seconds() / 86_400
+            assert abs(rows[0]["broker_cert_days_left"] - expected) < 0.1
+            assert evaluate(client, RULES["homeiot-broker-cert-expiry"]) == {
+                "": expected < 30}
+            # A message InfluxDB can never take becomes a dead letter; the next sample shows it.
+            publisher = Publisher(mosquitto, "meter1")
+            try:
+                publisher.publish("meter1", b'{"v": 1, "not": "a reading"}')
+                publisher.wait_all()
+            finally:
+                publisher.close()
+            wait_until(lambda: running.store.count() == 1, 10, "the dead letter")
+            time.sleep(0.01)  # a later millisecond than the first sample
+            running.gateway.write_status()
+            assert evaluate(client, RULES["homeiot-dead-letters"]) == {"": True}
+    finally:
+        running.stop()
+
+
+def test_a_status_the_gateway_cannot_store_is_a_warning_not_a_stop(
+        mosquitto: Mosquitto, influxd: Influxd, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    missing = InfluxSettings(url=influxd.url, database="no_such_database_for_status")
+    running = RunningGateway(gateway_settings(mosquitto, missing, tmp_path))
+    try:
+        running.gateway.write_status()
+        running.gateway.write_status()
+        warnings = [r for r in caplog.records if "cannot store the gateway's status" in r.getMessage()]
+        assert len(warnings) == 1  # once per change, not every minute
+        assert running.gateway.fatal_error is None
+        assert not running.gateway.stopped
+    finally:
+        running.stop()

@@ -88,3 +88,14 @@ def test_fast_reading_encoder_equals_the_generic_one(
                       fixed_energy_normal_kwh=fixed[1] if fixed else None)
     generic = encode_line(measurement, {"source": source}, reading.fields(), epoch_ms(reading.ts))
     assert encode_reading(reading, measurement) == generic
+
+
+def test_status_lines_are_floats_under_their_component() -> None:
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from homeiot.core.status import status_line  # noqa: PLC0415
+
+    line = status_line("gateway", datetime(2026, 1, 2, tzinfo=UTC), dead_letters=3,
+                       broker_cert_days_left=29.5)
+    assert line == ("homeiot_status,component=gateway dead_letters=3.0,broker_cert_days_left=29.5 "
+                    "1767312000000")

@@ -39,7 +39,7 @@ from homeiot.adapters import duckdb_store, parquet
 from homeiot.adapters.duckdb_store import ArchivePaths
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import ArchiveSettings
-from homeiot.core import table
+from homeiot.core import status, table
 from homeiot.core.days import day_window, local_day
 from homeiot.core.errors import HomeIotError, InfluxQueryError
 from homeiot.core.lineprotocol import encode_reading
@@ -363,3 +363,16 @@ def terminal_progress(index: int, total: int, day: date) -> None:
     filled = width * (index - 1) // total
     sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {index}/{total} {day} ")
     sys.stderr.flush()
+
+
+def record_success(settings: ArchiveSettings, days: int, rows: int) -> None:
+    """Store that this run succeeded (``homeiot_status,component=archive``), for the alert on an
+    archive that has not run for 36 hours. The archive itself is done: a failure to store this
+    is a warning, never a failed run."""
+    line = status.status_line("archive", datetime.now(UTC), ok=1, days=days, rows=rows)
+    try:
+        with InfluxClient(settings.influx) as influx:
+            influx.write([line])
+    except HomeIotError as exc:
+        logger.warning("archive: done, but its success could not be stored for the alerts: %s",
+                       exc)

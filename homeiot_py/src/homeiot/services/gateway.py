@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +36,9 @@ from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.deadletters import DeadLetter, DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.config import GatewaySettings
-from homeiot.core import batching, receipts, writes
+from homeiot.core import batching, receipts, status, writes
 from homeiot.core.batching import GatewayFlow
+from homeiot.core.errors import HomeIotError
 from homeiot.core.ingest import Rejection, Rules, ingest
 from homeiot.core.receipts import receipt_topic
 from homeiot.core.topics import subscription_filter
@@ -47,6 +49,20 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_FLUSH_S = 8.0
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 10.0
+
+
+#: How often the gateway stores its health signals for the alerts (core/status.py).
+STATUS_EVERY_S = 60.0
+
+
+def broker_cert_not_after(client: mqtt.Client) -> float | None:
+    """When the certificate the broker presented on ``client``'s connection expires (epoch s)."""
+    sock = client.socket()
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    cert = sock.getpeercert()
+    not_after = cert.get("notAfter") if cert else None
+    return float(ssl.cert_time_to_seconds(str(not_after))) if not_after else None
 
 
 class _LastReadingAge(Collector):
@@ -123,6 +139,10 @@ class Gateway:
         self._last_seq: dict[str, int] = {}
         self._gauged: set[str] = set()
         self.mqtt_connected = False
+        # When the certificate the broker presented expires (epoch seconds), for the alert.
+        self.broker_cert_not_after: float | None = None
+        self._last_status = 0.0
+        self._status_problem: str | None = None
         self.influx_ok = True
         self.influx_problem: str | None = None
         self._influx_key: str | None = None
@@ -196,6 +216,7 @@ class Gateway:
         self.mqtt_connected = True
         self.mqtt_problem = None
         self._report.connected()
+        self.broker_cert_not_after = broker_cert_not_after(client)
         if not flags.session_present:
             logger.warning("broker had no session for %s: messages published while we were away "
                            "(if any) were not kept", self.settings.client_id)
@@ -272,6 +293,9 @@ class Gateway:
                 return
             self.heartbeat = time.monotonic()
             self.metrics.backlog.set(self.pending)
+            if self.heartbeat - self._last_status >= STATUS_EVERY_S and not stopping:
+                self._last_status = self.heartbeat
+                self.write_status()
             if self.heartbeat - last_gauges >= 1.0:
                 last_gauges = self.heartbeat
                 with self._lock:
@@ -280,6 +304,28 @@ class Gateway:
                 for source in set(by_source) | self._gauged | seen:
                     self.metrics.unacked.labels(source).set(by_source.get(source, 0))
                 self._gauged |= set(by_source)
+
+    def write_status(self) -> None:
+        """Store the gateway's health signals for Grafana's alerts (core/status.py): the dead
+        letters held and the days left on the broker's certificate. A failure is logged once
+        per change and never stops the gateway: the readings matter more than their monitor."""
+        now = self._clock()
+        fields: dict[str, float] = {}
+        try:
+            fields["dead_letters"] = self.dead_letters.count()
+            if self.broker_cert_not_after is not None:
+                fields["broker_cert_days_left"] = round(
+                    (self.broker_cert_not_after - now.timestamp()) / 86_400, 2)
+            self.influx.write([status.status_line("gateway", now, **fields)])
+        except HomeIotError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            if problem != self._status_problem:
+                logger.warning("cannot store the gateway's status for the alerts: %s", problem)
+            self._status_problem = problem
+            return
+        if self._status_problem is not None:
+            logger.info("the gateway's status is stored again")
+        self._status_problem = None
 
     def _carry_out(self, actions: list[batching.Action], deadline: float | None) -> bool:
         """Carry out the flow's actions (and those they lead to); False when shutdown's deadline
