@@ -23,7 +23,7 @@ DUCKDB_CLI_DIR := .cache/duckdb-cli-$(DUCKDB_CLI_VERSION)
 DUCKDB_CLI := $(DUCKDB_CLI_DIR)/duckdb_cli/duckdb
 PKG_SOURCES := $(shell find $(PKG)/src -type f \( -name '*.py' -o -name '*.json' -o -name 'py.typed' \) 2>/dev/null)
 
-.PHONY: help setup setup-apt setup-venv setup-tools setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
+.PHONY: rotate-secret help setup setup-apt setup-venv setup-tools setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -139,6 +139,21 @@ bench-archive: setup-venv ## run_archive vs the raw curl export of one 16-meter 
 
 drill-publisher: setup-venv ## 60 s publisher drill: broker down 20 s, one SIGKILL; counts loss
 	cd $(PKG) && ../$(BIN)/python -m bench.drill_publisher
+
+INVENTORY ?= inventory/home
+ANSIBLE_ARGS ?=
+# One machine-made secret rotated in one command: the old value is set aside, site.yml generates
+# and deploys a new one everywhere it is used; the old value is deleted once that run succeeded.
+rotate-secret: setup-venv ## Rotate a machine-made secret: SECRET=<file under inventory/home/secrets> [ANSIBLE_ARGS=--ask-vault-pass]
+	@test -n "$(SECRET)" || { echo "usage: make rotate-secret SECRET=<name>; one of: $$(ls $(INVENTORY)/secrets 2>/dev/null | grep -v '\.previous$$' | tr '\n' ' ')" >&2; exit 2; }
+	@case "$(SECRET)" in */*|.*) echo "SECRET is a file name under $(INVENTORY)/secrets" >&2; exit 2;; esac
+	@test -f "$(INVENTORY)/secrets/$(SECRET)" || { echo "no machine-made secret '$(SECRET)' in $(INVENTORY)/secrets" >&2; exit 2; }
+	mv "$(INVENTORY)/secrets/$(SECRET)" "$(INVENTORY)/secrets/$(SECRET).previous"
+	$(BIN)/ansible-playbook -i $(INVENTORY)/hosts.yml site.yml $(ANSIBLE_ARGS) || { \
+	    echo "site.yml failed: the new $(SECRET) may be deployed on some hosts only; fix the cause and re-run" \
+	         "ansible-playbook site.yml (the previous value is in $(INVENTORY)/secrets/$(SECRET).previous)" >&2; exit 1; }
+	rm -f "$(INVENTORY)/secrets/$(SECRET).previous"
+	@echo "rotated $(SECRET): site.yml deployed the new value"
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .cache $(PKG)/.pytest_cache $(PKG)/.mypy_cache $(PKG)/.ruff_cache $(PKG)/.hypothesis
