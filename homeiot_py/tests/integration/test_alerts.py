@@ -244,3 +244,19 @@ def test_a_status_the_gateway_cannot_store_is_a_warning_not_a_stop(
         assert not running.gateway.stopped
     finally:
         running.stop()
+
+
+def test_a_dead_letter_store_that_cannot_be_read_is_a_warning_in_the_status(
+        mosquitto: Mosquitto, influx_db: InfluxSettings, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The status is a monitor: a dead-letter store it cannot count is logged, not fatal (a
+    store that cannot take a dead letter still stops the writer, where it matters)."""
+    running = RunningGateway(gateway_settings(mosquitto, influx_db, tmp_path))
+    try:
+        running.store._db.close()  # a broken store: every query now fails in sqlite3
+        running.gateway.write_status()
+        assert any("cannot count the dead letters" in r.getMessage() for r in caplog.records)
+        assert running.gateway.fatal_error is None
+    finally:
+        running.gateway.stop()
+        running.influx.close()

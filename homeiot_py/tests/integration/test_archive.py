@@ -24,7 +24,8 @@ from homeiot.config import ArchiveSettings, InfluxSettings
 from homeiot.core.days import yesterday
 from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.reading import Reading
-from homeiot.services.archiver import KILL_AT_ENV, KILL_POINTS, archive_days
+from homeiot.core.slots import slot_reading
+from homeiot.services.archiver import KILL_AT_ENV, KILL_POINTS, archive_days, first_influx_day
 
 pytestmark = pytest.mark.integration
 
@@ -683,3 +684,15 @@ def test_a_build_thread_that_fails_stops_the_run_loudly(settings: ArchiveSetting
     duckdb_store.remove_leftovers(paths)
     assert settings.duckdb_path.read_bytes() == before
     assert archive_state(settings)[DAY][0] == 48
+
+
+def test_the_first_run_starts_at_a_day_of_half_hour_slots_only(settings: ArchiveSettings) -> None:
+    """A fresh Pi reads yesterday's half hours back from the meter's history: slot readings,
+    which carry no power_w. The first archive must start at that day, not at the first live one."""
+    day = date(2025, 12, 15)
+    start = datetime.combine(day, time(0), settings.timezone).astimezone(UTC)
+    with InfluxClient(settings.influx) as influx:
+        influx.write([encode_reading(slot_reading("meter1", start + timedelta(minutes=30 * i),
+                                                  10.0 + i)) for i in range(48)])
+        influx.write([encode_reading(Reading("meter1", start + timedelta(days=1, hours=1), 0, 100.0))])
+    assert first_influx_day(settings) == day

@@ -615,3 +615,31 @@ def test_meter_exceptions_never_stop_the_pump(mosquitto: Mosquitto, tmp_path: Pa
     assert sum("reset pending" in m for m in messages) >= 1
     assert any("half-hour slots failed" in m for m in messages)
     assert any("unexpectedly" in m for m in messages)
+
+
+class _QuietMeter(FlakyMeter):
+    def read(self) -> Reading:
+        raise MeterUnavailableError("not used: the test hands readings to the pump itself")
+
+    def pending(self) -> list[Reading]:
+        return []
+
+
+def test_a_slot_at_a_live_readings_millisecond_is_kept(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A live reading stamped exactly on a half hour and that half hour's slot reading are two
+    readings (the slot carries the half hour's energy): both are committed. A second live sample
+    in the same millisecond is still one reading."""
+    settings = load_publisher(publisher_env(mosquitto, tmp_path / "outbox.sqlite", 50))
+    outbox = Outbox(settings.outbox)
+    try:
+        publisher = Publisher(settings, _QuietMeter(), outbox)
+        at = datetime(2026, 11, 28, 15, 30, tzinfo=UTC)
+        live = Reading("meter1", at, 0, 321.0)
+        for reading in (live, slot_reading("meter1", at, 10.5), live):
+            publisher._readings.put(reading)
+        publisher._commit()
+        rows = outbox.after(0, 2**62, 10)
+        assert len(rows) == 2
+        assert [r.seq for r in rows] == [0, 1]
+    finally:
+        outbox.close()

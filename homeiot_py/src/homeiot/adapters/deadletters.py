@@ -89,8 +89,12 @@ class DeadLetterStore:
         return len(rows)
 
     def count(self) -> int:
-        with self._lock:
-            (total,) = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        try:
+            with self._lock:
+                (total,) = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot count the dead letters in {str(self.path)!r}: {exc}"
+                               ) from exc
         return int(total)
 
     def list(self, *, limit: int = 100, after_id: int = 0) -> list[StoredDeadLetter]:

@@ -326,7 +326,9 @@ def first_influx_day(settings: ArchiveSettings) -> date | None:
     """The local day of the oldest reading in InfluxDB (None when it holds none)."""
     measurement = settings.influx.measurement.replace("\\", "\\\\").replace('"', '\\"')
     with InfluxClient(settings.influx) as influx:
-        for row in influx.rows(f'SELECT "power_w" FROM "{measurement}" '  # noqa: S608
+        # Every field: a day may hold only half-hour slot readings (read back from the meter's
+        # history), which carry no power_w.
+        for row in influx.rows(f'SELECT * FROM "{measurement}" '  # noqa: S608
                                "ORDER BY time ASC LIMIT 1"):
             return local_day(datetime.fromtimestamp(int(row["time"]) / 1000, UTC),
                              settings.timezone)

@@ -79,7 +79,7 @@ class Publisher:
         self._readings: queue.Queue[Reading] = queue.Queue()
         self._acked: queue.Queue[tuple[int, ReasonCode]] = queue.Queue()
         self._connects = 0
-        self._last_ts: dict[str, datetime] = {}
+        self._last_ts: dict[tuple[str, bool], datetime] = {}  # (source, slot?) -> newest ts
         self.receipts_topic = receipt_topic(settings.mqtt.receipt_topic, settings.source)
         self._receipts: queue.Queue[bytes] = queue.Queue()
         self.flow = PublisherFlow(self.topic, settings.window,  # pump thread only
@@ -249,13 +249,17 @@ class Publisher:
                 reading = self._readings.get_nowait()
             except queue.Empty:
                 break
-            # InfluxDB keeps one point per source and millisecond: a second sample in the same
-            # millisecond (a meter loop catching up) would overwrite the first and show up as a
-            # lost seq. It is the same instant, not a new reading.
-            if self._last_ts.get(reading.source) == reading.ts:
-                logger.debug("dropped a second sample at %s", reading.ts)
+            # InfluxDB keeps one point per source and millisecond: a second live sample in the
+            # same millisecond (a meter loop catching up) would overwrite the first and show up
+            # as a lost seq. It is the same instant, not a new reading. A half-hour slot reading
+            # is never dropped this way: it carries other fields (the half hour's energy), which
+            # InfluxDB merges into a live point at the same instant instead of losing them.
+            slot = reading.fixed_ts is not None and reading.fixed_ts == reading.ts
+            if self._last_ts.get((reading.source, slot)) == reading.ts:
+                logger.debug("dropped a second %s sample at %s", "slot" if slot else "live",
+                             reading.ts)
                 continue
-            self._last_ts[reading.source] = reading.ts
+            self._last_ts[(reading.source, slot)] = reading.ts
             batch.append(reading)
         if batch:
             self.outbox.add(batch)
