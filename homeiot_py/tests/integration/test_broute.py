@@ -643,3 +643,29 @@ def test_a_slot_at_a_live_readings_millisecond_is_kept(mosquitto: Mosquitto, tmp
         assert [r.seq for r in rows] == [0, 1]
     finally:
         outbox.close()
+
+
+def test_a_failed_join_after_a_restart_is_the_radio_not_the_password(dongle: FakeDongle,
+                                                                     tmp_path: Path) -> None:
+    """After an exit 4 (link dead) systemd starts a new process. Its first join failing must
+    not be taken for refused credentials (exit 3, never restarted): the credentials joined
+    before, which the backend remembers beside the outbox."""
+    marker = tmp_path / "broute-joined"
+
+    def make(password: str = PASSWORD) -> BrouteBackend:
+        return BrouteBackend("meter1", RBID, password, dongle.path, timing=TIMING, policy=POLICY,
+                             tuning=TUNING, joined_marker=marker)
+
+    first = make()
+    first.open()
+    first.close()
+    assert marker.stat().st_mode & 0o777 == 0o600
+    assert RBID not in marker.read_text()
+    assert PASSWORD not in marker.read_text()
+    dongle.password = "RADIOTROUBLE"  # the meter now refuses every join: a radio fault here
+    again = make()
+    again.open()  # no MeterAuthError: the failure goes to the ladder
+    again.close()
+    # Credentials that never joined are still refused at once.
+    with pytest.raises(MeterAuthError):
+        make("NEWPASSWORD1").open()

@@ -18,6 +18,7 @@ the household's B-route account). The ID and the password never reach a log.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import select
@@ -28,6 +29,7 @@ import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import momonga
@@ -109,6 +111,7 @@ class BrouteBackend:
                  tuning: dict[str, Any] | None = None,
                  resume_kwh: tuple[float | None, float | None] = (None, None),
                  history_days: int = 2,
+                 joined_marker: Path | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.source = source
@@ -121,7 +124,13 @@ class BrouteBackend:
         self._clock = clock
         self._monotonic = monotonic
         self._session: _Session | None = None
-        self._ever_joined = False  # a join refused after one succeeded is the radio, not the password
+        # A join refused after one succeeded with these credentials is the radio, not the
+        # password. Remembered across restarts in ``joined_marker`` (a digest of the credentials,
+        # beside the outbox): after an exit 4 (link dead), the next process's first failed join
+        # must climb the ladder, not stop for good with exit 3.
+        self._joined_marker = joined_marker
+        self._credentials_digest = hashlib.sha256(f"{rbid}\0{password}".encode()).hexdigest()
+        self._ever_joined = self._joined_before()
         self._counters: tuple[EnergyCounter, EnergyCounter] | None = None  # survive reconnects
         self._resume = resume_kwh  # the last published (normal, reverse), e.g. from the outbox
         self._next_fixed = datetime.min.replace(tzinfo=UTC)
@@ -131,6 +140,26 @@ class BrouteBackend:
         self._history_supported = True
         self._history_due = True  # read the history back at the next good read
         self._next_history = datetime.min.replace(tzinfo=UTC)
+
+    def _joined_before(self) -> bool:
+        if self._joined_marker is None:
+            return False
+        try:
+            return self._joined_marker.read_text().strip() == self._credentials_digest
+        except OSError:
+            return False
+
+    def _remember_join(self) -> None:
+        if self._joined_marker is None or self._ever_joined:
+            return
+        try:
+            tmp = self._joined_marker.with_name(self._joined_marker.name + ".tmp")
+            tmp.write_text(self._credentials_digest + "\n")
+            tmp.chmod(0o600)
+            tmp.replace(self._joined_marker)
+        except OSError as exc:  # the session works; only a later restart loses the memory
+            logger.warning("broute: cannot remember the successful join in %s: %s",
+                           self._joined_marker, exc)
 
     def __repr__(self) -> str:  # never the credentials
         return f"BrouteBackend(source={self.source!r}, device={self.device!r})"
@@ -209,6 +238,7 @@ class BrouteBackend:
         except (momonga.MomongaError, OSError) as exc:
             raise _OpenFailedError(self._gone_or(Failure.ERROR),
                                f"{type(exc).__name__}: {exc}") from exc
+        self._remember_join()
         self._ever_joined = True
         modulus = 10 ** digits * mo.energy_unit * mo.energy_coefficient
         if self._counters is None or self._counters[0].modulus_kwh != modulus:

@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               settings.broute_device, timing=settings.broute_timing,
                               policy=settings.broute_policy,
                               history_days=settings.broute_history_days,
-                              resume_kwh=outbox.last_energy(settings.source))
+                              resume_kwh=outbox.last_energy(settings.source),
+                              joined_marker=settings.outbox.with_name("broute-joined"))
     else:
         meter = SimulatedBackend(settings.source, settings.seed, settings.timezone)
     publisher = Publisher(settings, meter, outbox)
