@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from homeiot.adapters.influx import InfluxClient
 from homeiot.config import InfluxSettings
 from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.reading import Reading
+from homeiot.core.slots import slot_reading
 from homeiot.services.api import ApiContext, create_app
 from tests.gateway_support import API_TOKEN
 
@@ -66,7 +68,8 @@ def client(app: FastAPI) -> Iterator[TestClient]:
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/api/v1/latest", "/api/v1/readings",
-                                  "/api/v1/energy/daily", "/api/v1/dead-letters"])
+                                  "/api/v1/energy/daily", "/api/v1/dead-letters",
+                                  "/api/v1/completeness"])
 def test_auth_is_required(client: TestClient, path: str) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"},
                     {"Authorization": f"Basic {API_TOKEN}"}):
@@ -142,6 +145,7 @@ def test_dead_letters_are_listed(client: TestClient) -> None:
         ("/api/v1/energy/daily", {"from": "2025-12-20", "to": "2025-12-10"}, "must not be after"),
         ("/api/v1/energy/daily", {"from": "2020-01-01", "to": "2025-12-10"}, "at most 366 days"),
         ("/api/v1/energy/daily", {"to": "0001-01-01"}, "between 2000-01-01"),
+        ("/api/v1/completeness", {"from": "2025-12-20", "to": "2025-12-10"}, "must not be after"),
         ("/api/v1/dead-letters", {"limit": "0"}, "greater than or equal to 1"),
     ],
 )
@@ -169,3 +173,29 @@ def test_schemathesis_finds_no_server_errors(app: FastAPI) -> None:
             case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
 
         check()
+
+
+def test_completeness_counts_slots_readings_and_seq_gaps(client: TestClient,
+                                                         influx_db: InfluxSettings) -> None:
+    """A day of meter3 with 47 of its 48 half-hour slots (one never read back) and live readings
+    whose seq skips two numbers: the API reports exactly that, per local day."""
+    day = datetime(2025, 12, 18, 0, 0, tzinfo=TOKYO)
+    lines = []
+    seq = 0
+    for i in range(48):
+        at = day + timedelta(minutes=30 * i)
+        if i != 20:  # one half hour missing
+            lines.append(encode_reading(replace(slot_reading("meter3", at, 100.0 + i), seq=seq)))
+            seq += 1
+        live_seq = seq + (2 if i == 30 else 0)  # two seqs lost here
+        lines.append(encode_reading(Reading("meter3", at + timedelta(minutes=7), live_seq, 300.0)))
+        seq = live_seq + 1
+    with InfluxClient(influx_db) as influx:
+        influx.write(lines)
+    body = client.get("/api/v1/completeness", headers=AUTH,
+                      params={"source": "meter3", "from": "2025-12-17", "to": "2025-12-18"}).json()
+    assert body["timezone"] == "Asia/Tokyo"
+    assert body["days"] == [
+        {"date": "2025-12-17", "slots": 0, "slots_expected": 48, "readings": 0, "seq_gaps": 0},
+        {"date": "2025-12-18", "slots": 47, "slots_expected": 48, "readings": 95, "seq_gaps": 2},
+    ]

@@ -22,6 +22,7 @@ from homeiot.adapters.influx import InfluxClient
 from homeiot.config import InfluxSettings
 from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.simulation import SimulatedMeter
+from homeiot.core.slots import slot_reading
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +79,12 @@ def seeded(influxd: Any) -> Iterator[InfluxSettings]:
             meter = SimulatedMeter(source)
             client.write([encode_reading(meter.read(start + timedelta(minutes=2 * i)))
                           for i in range(1, steps + 1)])
+            # The meter's half-hour readings, as a B-route meter delivers them (the completeness
+            # panel counts them).
+            first = start.replace(minute=0, second=0) + timedelta(hours=1)
+            client.write([encode_reading(slot_reading(source, first + timedelta(minutes=30 * i),
+                                                      1000.0 + i))
+                          for i in range(int((NOW - first) / timedelta(minutes=30)))])
     yield settings
     influxd.admin(f'DROP DATABASE "{database}"')
 
@@ -121,3 +128,16 @@ def test_panel_query_returns_data(seeded: InfluxSettings, dashboard: dict[str, A
         # Today's energy: 30 W at least, all day so far, for each meter.
         hours = (end - start).total_seconds() / 3600
         assert min(values) >= 0.03 * hours * 0.9 or hours < 0.1
+
+
+def test_the_completeness_panel_counts_48_half_hours_on_a_complete_day(
+        seeded: InfluxSettings) -> None:
+    panel = next(p for _, d in _dashboards() for p in d["panels"]
+                 if p["title"] == "Half hours per day (of 48)")
+    yesterday = NOW.astimezone(TOKYO).replace(hour=0, minute=0, second=0) - timedelta(days=1)
+    statement = expand(panel["targets"][0]["query"], yesterday.astimezone(UTC),
+                       (yesterday + timedelta(days=1)).astimezone(UTC) - timedelta(seconds=1),
+                       SOURCES)
+    with InfluxClient(seeded) as client:
+        rows = list(client.rows(statement))
+    assert {row["source"]: row["count"] for row in rows} == dict.fromkeys(SOURCES, 48)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, Field, create_model
 
 import homeiot
 from homeiot.adapters.deadletters import DeadLetterStore
@@ -96,6 +96,20 @@ class DailyEnergyReport(BaseModel):
     source: str
     timezone: str
     days: list[DailyEnergy]
+
+
+class DayCompleteness(BaseModel):
+    date: date
+    slots: int = Field(description="half-hour slots stored (fixed-time energy points)")
+    slots_expected: int = Field(description="half hours in the local day (48)")
+    readings: int = Field(description="readings stored (points with a seq)")
+    seq_gaps: int = Field(description="seq numbers missing between the day's first and last")
+
+
+class CompletenessReport(BaseModel):
+    source: str
+    timezone: str
+    days: list[DayCompleteness]
 
 
 class DeadLetterOut(BaseModel):
@@ -278,6 +292,20 @@ def _check_buckets(every: str, span: timedelta) -> None:
         raise _bad(f"that range at every={every} makes more than {MAX_BUCKETS} buckets")
 
 
+def _day_range(ctx: ApiContext, from_: date | None, to: date | None) -> tuple[date, date]:
+    """The local days of a report: ``to`` defaults to today, ``from`` to ``to`` - 6 days."""
+    for name, value in (("from", from_), ("to", to)):
+        if value is not None and not 2000 <= value.year <= 2198:
+            raise _bad(f"{name} must be between 2000-01-01 and 2198-12-31")
+    last_day = to or ctx.clock().astimezone(ctx.timezone).date()
+    first_day = from_ or last_day - timedelta(days=6)
+    if first_day > last_day:
+        raise _bad("from must not be after to")
+    if (last_day - first_day).days >= MAX_DAYS:
+        raise _bad(f"at most {MAX_DAYS} days per request")
+    return first_day, last_day
+
+
 @api.get("/energy/daily", response_model=DailyEnergyReport, tags=["energy"])
 def energy_daily(
     ctx: Ctx,
@@ -290,15 +318,7 @@ def energy_daily(
     cumulative counters: the first value of the next day minus the first value of this day."""
     src = source or ctx.source_default
     tz = ctx.timezone
-    for name, value in (("from", from_), ("to", to)):
-        if value is not None and not 2000 <= value.year <= 2198:
-            raise _bad(f"{name} must be between 2000-01-01 and 2198-12-31")
-    last_day = to or ctx.clock().astimezone(tz).date()
-    first_day = from_ or last_day - timedelta(days=6)
-    if first_day > last_day:
-        raise _bad("from must not be after to")
-    if (last_day - first_day).days >= MAX_DAYS:
-        raise _bad(f"at most {MAX_DAYS} days per request")
+    first_day, last_day = _day_range(ctx, from_, to)
     start = datetime.combine(first_day, datetime.min.time(), tz)
     stop = datetime.combine(last_day + timedelta(days=2), datetime.min.time(), tz)
     rows = ctx.influx.rows(
@@ -318,6 +338,46 @@ def energy_daily(
                                 energy_reverse_kwh=_delta(row, following, "fr", "lr")))
         day += timedelta(days=1)
     return DailyEnergyReport(source=src, timezone=tz.key, days=days)
+
+
+@api.get("/completeness", response_model=CompletenessReport, tags=["readings"])
+def completeness(
+    ctx: Ctx,
+    source: SourceParam = None,
+    from_: Annotated[date | None, Query(alias="from",
+                                        description="First local day (default to - 6 days)")] = None,
+    to: Annotated[date | None, Query(description="Last local day (default today)")] = None,
+) -> CompletenessReport:
+    """Per local day: how many of the day's half-hour slots are stored (48 when complete), how
+    many readings, and how many ``seq`` numbers are missing between the day's first and last —
+    what InfluxDB holds, so a gap here is a gap in the data."""
+    src = source or ctx.source_default
+    tz = ctx.timezone
+    first_day, last_day = _day_range(ctx, from_, to)
+    start = datetime.combine(first_day, datetime.min.time(), tz)
+    stop = datetime.combine(last_day + timedelta(days=1), datetime.min.time(), tz)
+    rows = ctx.influx.rows(
+        'SELECT count("fixed_energy_normal_kwh") AS "slots", count("seq") AS "n", '  # noqa: S608
+        'min("seq") AS "lo", max("seq") AS "hi" '
+        f"FROM {_quoted(ctx.measurement)} WHERE \"source\" = $source "
+        f"AND time >= {_ms_literal(start)} AND time < {_ms_literal(stop)} "
+        f"GROUP BY time(1d) fill(none) tz('{tz.key}')",
+        params={"source": src})
+    by_day = {datetime.fromtimestamp(r["time"] / 1000, tz).date(): r for r in rows}
+    days = []
+    day = first_day
+    while day <= last_day:
+        row = by_day.get(day) or {}
+        begin = datetime.combine(day, datetime.min.time(), tz)
+        end = datetime.combine(day + timedelta(days=1), datetime.min.time(), tz)
+        count = int(row.get("n") or 0)
+        gaps = (int(row["hi"]) - int(row["lo"]) + 1 - count) if count else 0
+        days.append(DayCompleteness(
+            date=day, slots=int(row.get("slots") or 0),
+            slots_expected=int((end - begin).total_seconds() // 1800),
+            readings=count, seq_gaps=max(gaps, 0)))
+        day += timedelta(days=1)
+    return CompletenessReport(source=src, timezone=tz.key, days=days)
 
 
 @api.get("/dead-letters", response_model=DeadLetterPage, tags=["dead letters"])
