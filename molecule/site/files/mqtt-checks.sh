@@ -17,7 +17,10 @@ as() { local who=$1; shift; XDG_CONFIG_HOME="$dir/$who" "$@"; }
 token() { echo "verify-$RANDOM-$RANDOM-$1"; }
 
 # Subscribe as $1 to $2 for at most $3 s, waiting for one message; its output goes to $4.
-subscribe() { as "$1" mosquitto_sub -V mqttv311 -t "$2" -q 1 -C 1 -W "$3" >"$4" 2>&1 & sleep 1; }
+# The scenario's Pi publishes its live readings as ${PI_SOURCE} all along: filtered out (-T), so
+# the one message awaited is the check's own.
+PI_SOURCE=${PI_SOURCE:-meter3}
+subscribe() { as "$1" mosquitto_sub -V mqttv311 -t "$2" -T "$topic/$PI_SOURCE" -q 1 -C 1 -W "$3" >"$4" 2>&1 & sleep 1; }
 
 # 1. The right credentials and CA: meter1 publishes its own topic, the gateway receives it.
 msg=$(token own)
