@@ -7,30 +7,17 @@ Molecule homeserver scenario then logs in with the file it writes against a real
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from ansible.errors import AnsibleFilterError
 
 from homeiot.core.passwords import hash_password, verify_password
+from tests.plugins import load_plugin
 from tests.services import require_binary
 
-_PLUGIN = Path(__file__).resolve().parents[3] / "roles/mosquitto/filter_plugins/mosquitto_passwd.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mosquitto_passwd_filter", _PLUGIN)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plugin = _load()
+plugin = load_plugin("roles/mosquitto/filter_plugins/mosquitto_passwd.py")
 render = plugin.mosquitto_password_file
 
 

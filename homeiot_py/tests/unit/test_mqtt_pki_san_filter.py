@@ -7,32 +7,19 @@ The end-to-end proof (a client verifying the certificate by IP against a real br
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import ssl
 import subprocess
 import threading
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from ansible.errors import AnsibleFilterError
 
+from tests.plugins import load_plugin
 from tests.services import require_binary
 
-_PLUGIN = Path(__file__).resolve().parents[3] / "roles/mqtt_pki/filter_plugins/mqtt_pki_san.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mqtt_pki_san_filter", _PLUGIN)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plugin = _load()
+plugin = load_plugin("roles/mqtt_pki/filter_plugins/mqtt_pki_san.py")
 sans = plugin.mqtt_pki_subject_alt_names
 
 

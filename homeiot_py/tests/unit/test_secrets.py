@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import shutil
@@ -18,26 +17,16 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[3]
-_PLUGIN = REPO / "playbooks/filter_plugins/homeiot_secrets.py"
+from tests.plugins import REPO, load_plugin
+
 EXAMPLE = REPO / "inventory/home/group_vars/all/vault.yml.example"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("homeiot_secrets_filter", _PLUGIN)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plugin = _load()
+plugin = load_plugin("playbooks/filter_plugins/homeiot_secrets.py")
 problems = plugin.homeiot_secret_problems
 GOOD = "q8ZtR2vXw9LmN4bKc7YpJ3sHd6FgTa1E"
 

@@ -13,7 +13,7 @@ import base64
 import hmac
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
@@ -292,6 +292,29 @@ def _check_buckets(every: str, span: timedelta) -> None:
         raise _bad(f"that range at every={every} makes more than {MAX_BUCKETS} buckets")
 
 
+def _local_days(first: date, last: date) -> Iterator[date]:
+    """Every day from ``first`` through ``last``."""
+    day = first
+    while day <= last:
+        yield day
+        day += timedelta(days=1)
+
+
+def _per_local_day(ctx: ApiContext, source: str, select: str, first: date,
+                   through: date) -> dict[date, dict[str, Any]]:
+    """``select`` (InfluxQL aggregates) of ``source`` per local day, ``first`` through
+    ``through``, keyed by that day; days without data are absent."""
+    tz = ctx.timezone
+    start = datetime.combine(first, datetime.min.time(), tz)
+    stop = datetime.combine(through + timedelta(days=1), datetime.min.time(), tz)
+    rows = ctx.influx.rows(
+        f"SELECT {select} FROM {_quoted(ctx.measurement)} WHERE \"source\" = $source "  # noqa: S608
+        f"AND time >= {_ms_literal(start)} AND time < {_ms_literal(stop)} "
+        f"GROUP BY time(1d) fill(none) tz('{tz.key}')",
+        params={"source": source})
+    return {datetime.fromtimestamp(r["time"] / 1000, tz).date(): r for r in rows}
+
+
 def _day_range(ctx: ApiContext, from_: date | None, to: date | None) -> tuple[date, date]:
     """The local days of a report: ``to`` defaults to today, ``from`` to ``to`` - 6 days."""
     for name, value in (("from", from_), ("to", to)):
@@ -319,24 +342,17 @@ def energy_daily(
     src = source or ctx.source_default
     tz = ctx.timezone
     first_day, last_day = _day_range(ctx, from_, to)
-    start = datetime.combine(first_day, datetime.min.time(), tz)
-    stop = datetime.combine(last_day + timedelta(days=2), datetime.min.time(), tz)
-    rows = ctx.influx.rows(
-        'SELECT first("energy_normal_kwh") AS "fn", last("energy_normal_kwh") AS "ln", '  # noqa: S608
-        'first("energy_reverse_kwh") AS "fr", last("energy_reverse_kwh") AS "lr" '
-        f"FROM {_quoted(ctx.measurement)} WHERE \"source\" = $source "
-        f"AND time >= {_ms_literal(start)} AND time < {_ms_literal(stop)} "
-        f"GROUP BY time(1d) fill(none) tz('{tz.key}')",
-        params={"source": src})
-    by_day = {datetime.fromtimestamp(r["time"] / 1000, tz).date(): r for r in rows}
+    # Through the day after the last: its first value closes the last day.
+    by_day = _per_local_day(
+        ctx, src, 'first("energy_normal_kwh") AS "fn", last("energy_normal_kwh") AS "ln", '
+        'first("energy_reverse_kwh") AS "fr", last("energy_reverse_kwh") AS "lr"',
+        first_day, last_day + timedelta(days=1))
     days = []
-    day = first_day
-    while day <= last_day:
+    for day in _local_days(first_day, last_day):
         row, following = by_day.get(day), by_day.get(day + timedelta(days=1))
         days.append(DailyEnergy(date=day,
                                 energy_normal_kwh=_delta(row, following, "fn", "ln"),
                                 energy_reverse_kwh=_delta(row, following, "fr", "lr")))
-        day += timedelta(days=1)
     return DailyEnergyReport(source=src, timezone=tz.key, days=days)
 
 
@@ -354,19 +370,11 @@ def completeness(
     src = source or ctx.source_default
     tz = ctx.timezone
     first_day, last_day = _day_range(ctx, from_, to)
-    start = datetime.combine(first_day, datetime.min.time(), tz)
-    stop = datetime.combine(last_day + timedelta(days=1), datetime.min.time(), tz)
-    rows = ctx.influx.rows(
-        'SELECT count("fixed_energy_normal_kwh") AS "slots", count("seq") AS "n", '  # noqa: S608
-        'min("seq") AS "lo", max("seq") AS "hi" '
-        f"FROM {_quoted(ctx.measurement)} WHERE \"source\" = $source "
-        f"AND time >= {_ms_literal(start)} AND time < {_ms_literal(stop)} "
-        f"GROUP BY time(1d) fill(none) tz('{tz.key}')",
-        params={"source": src})
-    by_day = {datetime.fromtimestamp(r["time"] / 1000, tz).date(): r for r in rows}
+    by_day = _per_local_day(
+        ctx, src, 'count("fixed_energy_normal_kwh") AS "slots", count("seq") AS "n", '
+        'min("seq") AS "lo", max("seq") AS "hi"', first_day, last_day)
     days = []
-    day = first_day
-    while day <= last_day:
+    for day in _local_days(first_day, last_day):
         row = by_day.get(day) or {}
         begin = datetime.combine(day, datetime.min.time(), tz)
         end = datetime.combine(day + timedelta(days=1), datetime.min.time(), tz)
@@ -376,7 +384,6 @@ def completeness(
             date=day, slots=int(row.get("slots") or 0),
             slots_expected=int((end - begin).total_seconds() // 1800),
             readings=count, seq_gaps=max(gaps, 0)))
-        day += timedelta(days=1)
     return CompletenessReport(source=src, timezone=tz.key, days=days)
 
 
