@@ -6,13 +6,22 @@
 #   molecule/resources/test-scenario.sh SCENARIO
 #
 # `molecule test` runs the same steps but only prints the check run; this asserts on it.
+# HOMEIOT_KEEP_ON_FAILURE=1 leaves a failed scenario's containers up to look into (then run
+# `molecule destroy -s SCENARIO`).
 set -euo pipefail
 scenario=${1:?usage: test-scenario.sh SCENARIO}
 log_dir=${MOLECULE_LOG_DIR:-.cache/molecule}
 mkdir -p "$log_dir"
 started=$(date +%s)
 
-cleanup() { molecule destroy -s "$scenario" >"$log_dir/$scenario.destroy.log" 2>&1 || cat "$log_dir/$scenario.destroy.log"; }
+cleanup() {
+    local rc=$?
+    if [ "$rc" -ne 0 ] && [ "${HOMEIOT_KEEP_ON_FAILURE:-0}" = 1 ]; then
+        echo "== $scenario: failed (exit $rc); containers kept (HOMEIOT_KEEP_ON_FAILURE=1)" >&2
+        return
+    fi
+    molecule destroy -s "$scenario" >"$log_dir/$scenario.destroy.log" 2>&1 || cat "$log_dir/$scenario.destroy.log"
+}
 trap cleanup EXIT
 
 molecule destroy -s "$scenario" >"$log_dir/$scenario.destroy.log" 2>&1
