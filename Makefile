@@ -11,7 +11,7 @@ PKG       := homeiot_py
 # The venv's tools first (ansible-lint looks up ansible-playbook on PATH).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
-APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap curl
+APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap curl openssh-client
 
 MOLECULE_SCENARIOS := $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
@@ -23,7 +23,7 @@ DUCKDB_CLI_DIR := .cache/duckdb-cli-$(DUCKDB_CLI_VERSION)
 DUCKDB_CLI := $(DUCKDB_CLI_DIR)/duckdb_cli/duckdb
 PKG_SOURCES := $(shell find $(PKG)/src -type f \( -name '*.py' -o -name '*.json' -o -name 'py.typed' \) 2>/dev/null)
 
-.PHONY: rotate-secret help setup setup-apt setup-venv setup-tools setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
+.PHONY: rotate-secret replace-pi help setup setup-apt setup-venv setup-tools setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -154,6 +154,10 @@ rotate-secret: setup-venv ## Rotate a machine-made secret: SECRET=<file under in
 	         "ansible-playbook site.yml (the previous value is in $(INVENTORY)/secrets/$(SECRET).previous)" >&2; exit 1; }
 	rm -f "$(INVENTORY)/secrets/$(SECRET).previous"
 	@echo "rotated $(SECRET): site.yml deployed the new value"
+
+replace-pi: setup-venv ## Replace a Raspberry Pi in one command: PI=<inventory name> [ANSIBLE_ARGS=--ask-vault-pass]
+	@test -n "$(PI)" || { echo "usage: make replace-pi PI=<name>; one of: $$($(BIN)/ansible-inventory -i $(INVENTORY)/hosts.yml --graph raspi 2>/dev/null | sed -n 's/^.*--//p' | tr '\n' ' ')" >&2; exit 2; }
+	$(BIN)/ansible-playbook -i $(INVENTORY)/hosts.yml playbooks/replace-pi.yml --limit '$(PI),homeserver' $(ANSIBLE_ARGS)
 
 clean: ## Remove caches (keeps .venv)
 	rm -rf .cache $(PKG)/.pytest_cache $(PKG)/.mypy_cache $(PKG)/.ruff_cache $(PKG)/.hypothesis
