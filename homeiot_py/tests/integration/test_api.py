@@ -79,6 +79,25 @@ def test_auth_is_required(client: TestClient, path: str) -> None:
         assert response.headers["www-authenticate"] == "Bearer"
 
 
+def test_the_api_description_needs_the_token_and_there_is_no_public_docs_page(
+        client: TestClient) -> None:
+    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/openapi.json", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    described = client.get("/openapi.json", headers=AUTH).json()
+    assert "/api/v1/latest" in described["paths"]
+    assert "/openapi.json" not in described["paths"]
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_readyz_pings_influxdb_at_most_once_per_interval(client: TestClient,
+                                                          app: FastAPI) -> None:
+    gate = app.state.ctx.influx_ping
+    for _ in range(50):
+        assert client.get("/readyz").status_code == 200
+    assert gate.pings == 1  # fifty unauthenticated requests, one ping of the real influxd
+
+
 def test_health_needs_no_auth_and_says_nothing(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"ready": True, "mqtt": True, "influxdb": True,
@@ -159,7 +178,7 @@ def test_bad_parameters_are_422_with_a_message(client: TestClient, path: str,
 def test_schemathesis_finds_no_server_errors(app: FastAPI) -> None:
     """Every operation in /openapi.json, fed schema-generated requests, never answers 5xx.
     (schemathesis' pytest plugin does not run on this pytest; its strategies are driven here.)"""
-    api_schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    api_schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)
     results = list(api_schema.get_all_operations())
     assert all(isinstance(result, Ok) for result in results), results
     operations = [result.ok() for result in results if isinstance(result, Ok)]

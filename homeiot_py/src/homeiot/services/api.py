@@ -13,8 +13,10 @@ import base64
 import hmac
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -45,6 +47,37 @@ _EVERY = re.compile(r"([1-9][0-9]{0,3})(s|m|h|d)")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SOURCE_REGEX = SOURCE_PATTERN.pattern
 _READING_FIELDS = tuple(c.influx for c in table.VALUES)
+#: /readyz pings InfluxDB at most once per this many seconds, however often it is asked: an
+#: unauthenticated endpoint must not let anyone make the server ping InfluxDB at their rate.
+READINESS_PING_INTERVAL_S = 5.0
+
+
+class PingGate:
+    """The last InfluxDB ping's outcome, reused for ``interval_s`` (one ping at a time)."""
+
+    def __init__(self, ping: Callable[[], None], interval_s: float = READINESS_PING_INTERVAL_S,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._ping = ping
+        self._interval_s = interval_s
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._checked_at: float | None = None
+        self._ok = False
+        self.pings = 0
+
+    def ok(self) -> bool:
+        """Whether InfluxDB answered its ping, at most ``interval_s`` ago."""
+        with self._lock:
+            now = self._monotonic()
+            if self._checked_at is None or now - self._checked_at >= self._interval_s:
+                self.pings += 1
+                try:
+                    self._ping()
+                    self._ok = True
+                except (TransientError, RejectedError):
+                    self._ok = False
+                self._checked_at = self._monotonic()
+            return self._ok
 
 
 @dataclass(frozen=True)
@@ -63,6 +96,13 @@ class ApiContext:
     #: Why the gateway cannot do its job right now (writer dead or stalled, InfluxDB refusing,
     #: broker unreachable); empty when all is well.
     problems: Callable[[], list[str]] = list
+    #: How often /readyz may really ping InfluxDB (see PingGate).
+    readiness_ping_interval_s: float = READINESS_PING_INTERVAL_S
+    influx_ping: PingGate = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "influx_ping",
+                           PingGate(self.influx.ping, self.readiness_ping_interval_s))
 
 
 class _ReadingKey(BaseModel):
@@ -203,12 +243,9 @@ def healthz() -> Health:
 @health.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(ctx: Ctx) -> JSONResponse:
     """Readiness: connected to the broker, InfluxDB answers and stores, the writer is alive and
-    making progress. A 503 says why in ``reasons``."""
-    try:
-        ctx.influx.ping()
-        influx_ok = True
-    except (TransientError, RejectedError):
-        influx_ok = False
+    making progress. A 503 says why in ``reasons``. InfluxDB's answer may be up to
+    ``READINESS_PING_INTERVAL_S`` old."""
+    influx_ok = ctx.influx_ping.ok()
     mqtt_ok = ctx.mqtt_connected()
     reasons = ctx.problems()
     if not influx_ok:
@@ -421,9 +458,17 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(ctx: ApiContext) -> FastAPI:
     """The FastAPI application serving ``ctx``."""
+    # No public /docs, /redoc or /openapi.json: the description is served behind the token
+    # (the API is on a public hostname through the tunnel).
     app = FastAPI(title="HomeIot gateway API", version=homeiot.__version__,
-                  description="Readings, daily energy and dead letters of the HomeIot gateway.")
+                  description="Readings, daily energy and dead letters of the HomeIot gateway.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     app.include_router(health)
     app.include_router(api)
     app.add_exception_handler(TransientError, _unavailable)
