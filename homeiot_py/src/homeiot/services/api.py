@@ -55,7 +55,7 @@ READINESS_PING_INTERVAL_S = 5.0
 class PingGate:
     """The last InfluxDB ping's outcome, reused for ``interval_s`` (one ping at a time)."""
 
-    def __init__(self, ping: Callable[[], None], interval_s: float = READINESS_PING_INTERVAL_S,
+    def __init__(self, ping: Callable[[], object], interval_s: float = READINESS_PING_INTERVAL_S,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._ping = ping
         self._interval_s = interval_s
