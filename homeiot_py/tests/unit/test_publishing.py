@@ -138,6 +138,26 @@ def test_a_refusal_names_the_rows_own_topic() -> None:
               "they stay in the outbox and are resent with backoff")]
 
 
+def test_refusals_are_per_topic_so_another_sources_success_does_not_end_them() -> None:
+    """The former source's topic is refused while the current one's is taken: one alarm, no
+    recovery and no early resend each time a current reading is accepted."""
+    flow = PublisherFlow(BASE, window=10)
+    flow.handle(Published(1, "old", seq=5, mid=11, at=0.0))
+    assert len(flow.handle(PubAck(11, 0x87, "Not authorized", at=0.0))) == 1  # the alarm
+    for i in range(5):
+        flow.handle(Published(10 + i, "new", seq=i, mid=20 + i, at=0.1 * i))
+        assert flow.handle(PubAck(20 + i, 0, "Success", at=0.1 * i)) == []
+    assert flow.refusals == {"home/power/old": "Not authorized (0x87)"}
+    assert flow.handle(Tick(0.9)) == []  # still backing off
+    assert flow.handle(Tick(1.0)) == [Resend((1,))]
+    flow.handle(Published(1, "old", seq=5, mid=12, at=1.0))
+    assert flow.handle(PubAck(12, 0x87, "Not authorized", at=1.0)) == []  # same reason: quiet
+    flow.handle(Published(1, "old", seq=5, mid=13, at=3.0))
+    assert flow.handle(PubAck(13, 0, "Success", at=3.0)) == [
+        Recovered("the broker accepts readings on topic home/power/old again")]
+    assert flow.refusals == {}
+
+
 def test_a_dead_letter_receipt_deletes_and_says_it_was_set_aside() -> None:
     flow = PublisherFlow(BASE, window=10)
     for row, seq in ((1, 7), (2, 8), (3, 9)):

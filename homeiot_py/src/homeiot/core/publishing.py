@@ -169,7 +169,7 @@ class PublisherFlow:
     _timeouts: dict[int, float] = field(default_factory=dict)  # row id → next receipt timeout
     _retry_at: float = 0.0
     _retry_delay: float = RETRY_MIN_S
-    _refusal: str | None = None
+    _refusals: dict[str, str] = field(default_factory=dict)  # topic → the broker's refusal
     _scan_at: float = 0.0  # no receipt is due before then (saves scanning every tick)
     _no_receipts: bool = False  # alarmed that receipts stopped coming
     _now: float | None = None  # the latest time seen
@@ -197,9 +197,9 @@ class PublisherFlow:
                 | frozenset(self._refused))
 
     @property
-    def refusal(self) -> str | None:
-        """The broker's current refusal, if any."""
-        return self._refusal
+    def refusals(self) -> dict[str, str]:
+        """The broker's current refusals, by topic."""
+        return dict(self._refusals)
 
     def handle(self, event: Event) -> list[Action]:
         """Feed one event; returns what to do, in order."""
@@ -234,19 +234,20 @@ class PublisherFlow:
             timeout = self._timeouts.get(row_id, self.receipt_timeout_s)
             self._waiting[row_id] = _Waiting(key, ack.at + timeout, timeout)
             self._scan_at = min(self._scan_at, ack.at + timeout)
-            if self._refusal is None:
+            # Per topic: readings of a former source may be refused while the current one's
+            # are taken; one's success neither ends the other's alarm nor its backoff.
+            if self._refusals.pop(topic, None) is None:
                 return []
-            self._refusal = None
             self._retry_delay = RETRY_MIN_S
             self._retry_at = 0.0  # what it refused goes out again at once
             return [Recovered(f"the broker accepts readings on topic {topic} again")]
         self._refused[row_id] = key
-        reason = f"{ack.reason_text} (0x{ack.reason:02x}) on topic {topic}"
+        reason = f"{ack.reason_text} (0x{ack.reason:02x})"
         if ack.at >= self._retry_at:  # refusals of live readings meanwhile do not push it back
             self._retry_at = ack.at + self._retry_delay
-        if reason == self._refusal:
+        if self._refusals.get(topic) == reason:
             return []
-        self._refusal = reason
+        self._refusals[topic] = reason
         return [Alarm(f"the broker refused readings on topic {topic}: {ack.reason_text} "
                       f"(0x{ack.reason:02x}); they stay in the outbox and are resent with "
                       "backoff")]

@@ -149,6 +149,7 @@ class Gateway:
         self.mqtt_problem: str | None = None
         self.subscribe_problem: str | None = None
         self.receipt_problem: str | None = None
+        self._receipt_reason: str | None = None
         self._pubacks: queue.Queue[tuple[int, ReasonCode]] = queue.Queue()
         self._receipt_mids: dict[int, str] = {}  # writer thread only: receipt mid → its topic
         self._last_seq: dict[str, int] = {}
@@ -436,16 +437,19 @@ class Gateway:
             if reason.is_failure:  # 0x10 "no matching subscribers" is not: the Pi is away
                 self._receipt_refused(topic, f"{reason} (0x{reason.value:02x})")
             elif self.receipt_problem is not None:
-                self.receipt_problem = None
+                self.receipt_problem = self._receipt_reason = None
                 logger.info("the broker accepts our receipts again (%s)", topic)
 
     def _receipt_refused(self, topic: str, reason: str) -> None:
-        problem = (f"the broker refused our receipt on {topic}: {reason}; publishers keep their "
-                   "readings and resend them: may the gateway's identity write "
-                   f"{self.settings.mqtt.receipt_topic}/# in the broker's ACL?")
-        if problem != self.receipt_problem:
-            logger.error("%s", problem)
-        self.receipt_problem = problem
+        """Report a refused receipt once per change of reason (not of topic: every source's
+        receipt is refused alike when the ACL lacks the tree), and tell /readyz."""
+        if reason != self._receipt_reason:
+            logger.error("the broker refused our receipt on %s: %s; publishers keep their "
+                         "readings and resend them: may the gateway's identity write %s/# in "
+                         "the broker's ACL?", topic, reason, self.settings.mqtt.receipt_topic)
+        self._receipt_reason = reason
+        self.receipt_problem = (f"the broker refused our receipt on {topic}: {reason}; "
+                                "publishers keep their readings and resend them")
 
     def _write(self, batch_id: int, lines: list[str],
                deadline: float | None) -> batching.Written | None:
