@@ -280,6 +280,10 @@ def mosquitto_client_env(directory: Path, tool: str, user: str, password: str) -
     return {**os.environ, "XDG_CONFIG_HOME": str(config)}
 
 
+#: The dynamic-security administrator of a broker started with ``deny_subscribe``.
+DYNSEC_ADMIN = ("dynsec-admin", "dynsec-admin-pass")
+
+
 def dynamic_security_plugin() -> str:
     """The path of Mosquitto's dynamic-security plugin (Debian ships it with mosquitto)."""
     found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so")
@@ -315,6 +319,16 @@ def start_mosquitto(directory: Path, pki: Pki, users: dict[str, str], *,
             clients.append({"username": user, "password": base64.b64encode(digest).decode(),
                             "salt": base64.b64encode(salt).decode(), "iterations": 101,
                             "roles": [{"rolename": f"role-{user}"}]})
+        # An administrator that may change those rights at run time ($CONTROL, allow_subscribe).
+        control = "$CONTROL/dynamic-security/#"
+        roles.append({"rolename": "role-admin", "acls": [
+            {"acltype": acltype, "topic": control, "allow": True}
+            for acltype in ("publishClientSend", "publishClientReceive", "subscribePattern")]})
+        salt = os.urandom(12)
+        digest = hashlib.pbkdf2_hmac("sha512", DYNSEC_ADMIN[1].encode(), salt, 101)
+        clients.append({"username": DYNSEC_ADMIN[0], "password": base64.b64encode(digest).decode(),
+                        "salt": base64.b64encode(salt).decode(), "iterations": 101,
+                        "roles": [{"rolename": "role-admin"}]})
         config = directory / "dynamic-security.json"
         config.write_text(json.dumps({
             "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True,

@@ -4,22 +4,28 @@ per source; a refused receipt SUBSCRIBE or PUBLISH is loud and shows in /readyz.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
+from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.influx import InfluxClient
+from homeiot.adapters.meters import SimulatedBackend
 from homeiot.adapters.outbox import Outbox
-from homeiot.config import InfluxSettings
+from homeiot.config import InfluxSettings, load_publisher
 from homeiot.core.reading import Reading
-from tests.conftest import USERS
+from homeiot.services import publisher as publisher_service
+from tests.conftest import USERS, mqtt_settings
 from tests.drill import outbox_seqs, outbox_state, publisher_env, stored_seqs, wait_for
 from tests.gateway_support import (
     Publisher,
@@ -29,7 +35,7 @@ from tests.gateway_support import (
     reading,
     wait_until,
 )
-from tests.services import Influxd, Mosquitto, Pki, free_port, start_mosquitto
+from tests.services import DYNSEC_ADMIN, Influxd, Mosquitto, Pki, free_port, start_mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -285,3 +291,72 @@ def test_a_subscription_refusal_is_logged_once(
     errors = [r for r in caplog.records if r.levelno == logging.ERROR
               and "refused our subscription" in r.getMessage()]
     assert len(errors) == 1
+
+
+def _lift_subscribe_denial(broker: Mosquitto, user: str, topic_filter: str) -> None:
+    """Remove the denial at run time, as an operator would (dynamic security's $CONTROL API)."""
+    settings = replace(mqtt_settings(broker, "gateway", password=DYNSEC_ADMIN[1]),
+                       username=DYNSEC_ADMIN[0])
+    client = mqtt_adapter.create_client(settings)
+    answers: list[bytes] = []
+    client.on_message = lambda c, u, msg: answers.append(bytes(msg.payload))
+    mqtt_adapter.connect(client, settings, clean_start=True)
+    mqtt_adapter.start(client)
+    try:
+        client.subscribe("$CONTROL/dynamic-security/v1/response", qos=1)
+        time.sleep(0.3)
+        command = {"commands": [{"command": "removeRoleACL", "rolename": f"role-{user}",
+                                 "acltype": "subscribePattern", "topic": topic_filter}]}
+        client.publish("$CONTROL/dynamic-security/v1", json.dumps(command), qos=1)
+        wait_until(lambda: bool(answers), 10, "the broker's answer")
+        assert "error" not in json.loads(answers[0])["responses"][0], answers
+    finally:
+        mqtt_adapter.close(client)
+
+
+def test_a_refused_receipt_subscription_is_retried_and_granted_without_a_reconnect(
+        pki: Pki, tmp_path: Path, influx_db: InfluxSettings, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The operator lifts the denial while the publisher stays connected: its periodic retry
+    (here every 1 s instead of 60) is granted, logged at INFO, and the outbox drains."""
+    monkeypatch.setattr(publisher_service, "_RESUBSCRIBE_EVERY_S", 1.0)
+    deny: dict[str, tuple[str, ...]] = {"meter1": ("homeiot/receipts/meter1",)}
+    broker = start_mosquitto(tmp_path / "broker", pki, USERS, deny_subscribe=deny)
+    gateway = RunningGateway(gateway_settings(broker, influx_db, tmp_path))
+    env = {**publisher_env(broker, tmp_path / "outbox.sqlite", 10),
+           "PUBLISHER_RECEIPT_TIMEOUT_S": "1"}
+    settings = load_publisher(env)
+    made: list[publisher_service.Publisher] = []
+    ready = threading.Event()
+
+    def run() -> None:  # the outbox (SQLite) lives on the pump's thread, as in the process
+        outbox = Outbox(settings.outbox)
+        made.append(publisher_service.Publisher(
+            settings, SimulatedBackend(settings.source, settings.seed, settings.timezone), outbox))
+        ready.set()
+        try:
+            made[0].run()
+        finally:
+            outbox.close()
+
+    runner = threading.Thread(target=run)
+    try:
+        with caplog.at_level(logging.INFO, logger="homeiot.services.publisher"):
+            runner.start()
+            assert ready.wait(10)
+            wait_until(lambda: len(stored_seqs(influx_db)) >= 10, 30, "10 stored readings")
+            time.sleep(2.5)  # two more refused retries: still one ERROR
+            assert made[0].delivered == 0
+            _lift_subscribe_denial(broker, "meter1", "homeiot/receipts/meter1")
+            wait_until(lambda: made[0].delivered >= 10, 30, "receipts to delete readings")
+    finally:
+        if made:
+            made[0].stop()
+        runner.join(20)
+        gateway.stop()
+        broker.process.stop()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR
+              and "refused our subscription to receipts" in r.getMessage()]
+    assert len(errors) == 1
+    assert "the broker granted our subscription to receipts on homeiot/receipts/meter1" \
+        in caplog.text
