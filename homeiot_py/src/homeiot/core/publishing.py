@@ -170,6 +170,7 @@ class PublisherFlow:
     _retry_at: float = 0.0
     _retry_delay: float = RETRY_MIN_S
     _refusals: dict[str, str] = field(default_factory=dict)  # topic → the broker's refusal
+    _topics: dict[str, str] = field(default_factory=dict)  # source → its topic (validated once)
     _scan_at: float = 0.0  # no receipt is due before then (saves scanning every tick)
     _no_receipts: bool = False  # alarmed that receipts stopped coming
     _now: float | None = None  # the latest time seen
@@ -229,7 +230,8 @@ class PublisherFlow:
         if entry is None:  # a message id we never sent (or already receipted): nothing to do
             return []
         row_id, key = entry
-        topic = topic_for(self.base_topic, key[0])
+        topic = self._topics.get(key[0]) or self._topics.setdefault(
+            key[0], topic_for(self.base_topic, key[0]))
         if delivered(ack.reason):
             timeout = self._timeouts.get(row_id, self.receipt_timeout_s)
             self._waiting[row_id] = _Waiting(key, ack.at + timeout, timeout)
