@@ -236,12 +236,20 @@ def test_the_gateway_reports_a_refused_receipt_and_a_refused_subscription_in_rea
         reasons = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()["reasons"]
         assert any("refused our receipt on homeiot/receipts/meter1: Not authorized (0x87)"
                    in reason for reason in reasons), reasons
-        publisher.publish_readings(reading(i) for i in range(5, 10))
-        publisher.wait_all()
+        meter2 = Publisher(broker, "meter2")
+        try:
+            for i in range(5, 10):  # receipts for two sources, alternating: still one ERROR
+                publisher.publish_readings([reading(i)])
+                meter2.publish_readings([reading(i, "meter2")])
+                publisher.wait_all()
+                meter2.wait_all()
+                time.sleep(0.2)
+        finally:
+            meter2.close()
         time.sleep(1)
         errors = [line for line in log.read_text().splitlines()
                   if "refused our receipt" in line]
-        assert len(errors) == 1, errors  # once per change, not per receipt
+        assert len(errors) == 1, errors  # once per change of reason, not per receipt or topic
         assert " ERROR " in errors[0]
 
         broker.write_acl()
