@@ -7,7 +7,11 @@ Mosquitto or InfluxDB survives the test run. Under ``CI=true`` a missing binary 
 
 from __future__ import annotations
 
+import base64
+import glob
+import hashlib
 import ipaddress
+import json
 import os
 import pwd
 import shutil
@@ -276,8 +280,64 @@ def mosquitto_client_env(directory: Path, tool: str, user: str, password: str) -
     return {**os.environ, "XDG_CONFIG_HOME": str(config)}
 
 
-def start_mosquitto(directory: Path, pki: Pki, users: dict[str, str]) -> Mosquitto:
+#: The dynamic-security administrator of a broker started with ``deny_subscribe``.
+DYNSEC_ADMIN = ("dynsec-admin", "dynsec-admin-pass")
+
+
+def dynamic_security_plugin() -> str:
+    """The path of Mosquitto's dynamic-security plugin (Debian ships it with mosquitto)."""
+    found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so")
+                   + glob.glob("/usr/lib/mosquitto_dynamic_security.so"))
+    if not found:
+        message = "Mosquitto's dynamic-security plugin is not installed (run `make setup`)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found[0]
+
+
+def start_mosquitto(directory: Path, pki: Pki, users: dict[str, str], *,
+                    deny_subscribe: dict[str, tuple[str, ...]] | None = None) -> Mosquitto:
+    """A running broker. ``deny_subscribe`` (user → topic filters) makes the broker refuse those
+    users' SUBSCRIBEs to those filters with a SUBACK 0x87: Mosquitto 2.0's ``acl_file`` grants every
+    SUBSCRIBE (it checks reads on delivery), so this uses its dynamic-security plugin, which
+    decides for the users it lists (their other rights: the ACL file's shape) and defers every
+    other user to the password file and ACL."""
     broker = Mosquitto(directory, pki, free_port(), users)
+    if deny_subscribe:
+        roles, clients = [], []
+        for user, filters in deny_subscribe.items():
+            mine = [f"{BASE_TOPIC}/{user}"] if user != "gateway" else []
+            acls = [{"acltype": "publishClientSend", "topic": t, "allow": True} for t in mine]
+            acls += [{"acltype": "publishClientSend", "topic": f"{RECEIPT_TOPIC}/#",
+                      "allow": True}] if user == "gateway" else []
+            acls += [{"acltype": "subscribePattern", "topic": t, "allow": False}
+                     for t in filters]
+            roles.append({"rolename": f"role-{user}", "acls": acls})
+            salt = os.urandom(12)
+            digest = hashlib.pbkdf2_hmac("sha512", users[user].encode(), salt, 101)
+            clients.append({"username": user, "password": base64.b64encode(digest).decode(),
+                            "salt": base64.b64encode(salt).decode(), "iterations": 101,
+                            "roles": [{"rolename": f"role-{user}"}]})
+        # An administrator that may change those rights at run time ($CONTROL, allow_subscribe).
+        control = "$CONTROL/dynamic-security/#"
+        roles.append({"rolename": "role-admin", "acls": [
+            {"acltype": acltype, "topic": control, "allow": True}
+            for acltype in ("publishClientSend", "publishClientReceive", "subscribePattern")]})
+        salt = os.urandom(12)
+        digest = hashlib.pbkdf2_hmac("sha512", DYNSEC_ADMIN[1].encode(), salt, 101)
+        clients.append({"username": DYNSEC_ADMIN[0], "password": base64.b64encode(digest).decode(),
+                        "salt": base64.b64encode(salt).decode(), "iterations": 101,
+                        "roles": [{"rolename": "role-admin"}]})
+        config = directory / "dynamic-security.json"
+        config.write_text(json.dumps({
+            "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True,
+                                 "subscribe": True, "unsubscribe": True},
+            "clients": clients, "groups": [], "roles": roles}))
+        config.chmod(0o600)
+        conf = directory / "mosquitto.conf"
+        conf.write_text(conf.read_text() + f"plugin {dynamic_security_plugin()}\n"
+                        f"plugin_opt_config_file {config}\n")
     broker.process.start()
     return broker
 

@@ -1,14 +1,20 @@
 """Each row of the InfluxDB answer → policy table (homeiot.core.writes), produced by a real
-influxd and carried out by a real gateway: partial write, field type conflict, 401, 404, 413."""
+influxd and carried out by a real gateway: partial write, field type conflict, 401, 404, 413;
+429 and 503 from a small proxy of ours in front of the real influxd; a name that does not
+resolve."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from homeiot.adapters.influx import InfluxClient
@@ -25,7 +31,7 @@ from tests.gateway_support import (
     stored_seqs,
     wait_until,
 )
-from tests.services import Influxd, Mosquitto, Pki, start_influxd, start_mosquitto
+from tests.services import LOOPBACK, Influxd, Mosquitto, Pki, start_influxd, start_mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +171,119 @@ def test_a_batch_too_large_is_split(
             gw.stop()
     finally:
         server.process.stop()
+
+
+class RefusingProxy:
+    """An HTTP server of ours on loopback in front of the real influxd: it answers the first
+    writes of readings with the statuses in ``refusals`` (as InfluxDB would: a JSON error) and
+    forwards every other request (the gateway's own status too) to influxd unchanged."""
+
+    def __init__(self, upstream: str, refusals: list[int]) -> None:
+        self.refusals = list(refusals)
+        self.writes = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.startswith("/write") and b"meter_readings" in body:
+                    proxy.writes += 1
+                    if proxy.refusals:
+                        status = proxy.refusals.pop(0)
+                        text = json.dumps({"error": f"proxy says {status}"}).encode()
+                        self.send_response(status)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(text)))
+                        self.end_headers()
+                        self.wfile.write(text)
+                        return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                answer = httpx.request(self.command, upstream + self.path, content=body,
+                                       headers=headers, timeout=30)
+                self.send_response(answer.status_code)
+                for name in ("Content-Type", "X-Influxdb-Version"):
+                    if name in answer.headers:
+                        self.send_header(name, answer.headers[name])
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = _handle  # noqa: N815 - the names http.server calls
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_429_and_503_are_retried_with_backoff_and_nothing_is_lost(
+        broker: Mosquitto, influxd: Influxd, influx_db: InfluxSettings, tmp_path: Path,
+        publisher: Publisher, caplog: pytest.LogCaptureFixture) -> None:
+    proxy = RefusingProxy(influxd.url, [503, 503, 429])
+    try:
+        settings = gateway_settings(broker, replace(influx_db, url=proxy.url), tmp_path)
+        gw = RunningGateway(settings)
+        try:
+            with caplog.at_level(logging.INFO, logger="homeiot.services.gateway"):
+                publisher.publish_readings(reading(i) for i in range(50))
+                publisher.wait_all()
+                wait_until(lambda: gw.gateway.influx_problem is not None, 20, "the first refusal")
+                assert gw.gateway.pending == 50  # nothing acknowledged while refused
+                wait_until(lambda: _acked_all(gw), 30, "every message acknowledged")
+            assert proxy.refusals == []
+            assert proxy.writes >= 4  # three refused, then stored
+            errors = gw.gateway.metrics.registry.get_sample_value(
+                "homeiot_influx_write_errors_total")
+            assert errors == 3
+            assert gw.store.count() == 0  # a refusal to be retried is never a dead letter
+            assert gw.gateway.influx_problem is None
+            warnings = [r.getMessage() for r in caplog.records
+                        if "InfluxDB write failed" in r.getMessage()]
+            assert len(warnings) == 2  # once per change: 503, then 429
+            assert "503: proxy says 503" in warnings[0]
+            assert "InfluxDB stores again" in caplog.text
+        finally:
+            gw.stop()
+    finally:
+        proxy.close()
+    assert stored_seqs(influx_db) == list(range(50))
+
+
+def test_an_influxdb_name_that_does_not_resolve_is_named_retried_and_loses_nothing(
+        broker: Mosquitto, influx_db: InfluxSettings, tmp_path: Path, publisher: Publisher,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``-bad-`` is a name the C library refuses to look up (no query leaves the machine), so
+    the lookup fails at once, as a misspelt INFLUXDB_URL host would."""
+    good = gateway_settings(broker, influx_db, tmp_path)
+    bad = replace(good, influx=replace(influx_db, url="http://-bad-:8086"))
+    gw = RunningGateway(bad)
+    try:
+        with caplog.at_level(logging.INFO, logger="homeiot.services.gateway"):
+            publisher.publish_readings(reading(i) for i in range(20))
+            publisher.wait_all()
+            wait_until(lambda: (gw.gateway.metrics.registry.get_sample_value(
+                "homeiot_influx_write_errors_total") or 0) >= 3, 30, "three retries")
+        assert gw.gateway.pending == 20
+        assert gw.store.count() == 0
+        problem = gw.gateway.influx_problem or ""
+        assert "cannot resolve InfluxDB's host name '-bad-' (INFLUXDB_URL)" in problem
+        assert problem in gw.gateway.problems()  # /readyz says it
+        named = [r for r in caplog.records if "InfluxDB write failed" in r.getMessage()]
+        assert len(named) == 1  # once, not per retry
+        assert "cannot resolve InfluxDB's host name '-bad-'" in named[0].getMessage()
+    finally:
+        gw.stop()
+    # Nothing was acknowledged: the corrected gateway (same session) stores everything.
+    fixed = RunningGateway(good)
+    try:
+        wait_until(lambda: stored_seqs(influx_db) == list(range(20)), 30, "every reading")
+    finally:
+        fixed.stop()

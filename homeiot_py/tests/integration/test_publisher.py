@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -69,6 +70,68 @@ def test_outbox_drops_the_oldest_when_full_and_says_so(tmp_path: Path,
     assert dropped == 300  # seconds 200..499 were left after the cap; 500 s is the cutoff
     assert "older than 1 days" in caplog.text
     box.close()
+
+
+#: The outbox schema of version 0, as the first publisher created it (no index).
+_SCHEMA_V0 = """
+CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,
+                     seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE sequences (source TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
+CREATE TABLE last_energy (source TEXT PRIMARY KEY, normal_kwh REAL, reverse_kwh REAL);
+"""
+
+
+def test_an_outbox_of_schema_0_is_migrated_and_the_prune_uses_the_index(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "outbox.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(_SCHEMA_V0)
+    con.executemany("INSERT INTO outbox (source, seq, ts_ms, payload) VALUES (?, ?, ?, ?)",
+                    [("meter9", i, epoch_ms(T0) + i * 1000, codec.encode(r))
+                     for i, r in enumerate(readings(50, source="meter9"))])
+    con.execute("INSERT INTO sequences VALUES ('meter9', 50), ('meter1', 3)")
+    con.commit()
+    con.close()
+    with caplog.at_level(logging.INFO, logger="homeiot.adapters.outbox"):
+        box = Outbox(path, max_age_days=1)
+    assert "migrating" in caplog.text
+    assert "from schema version 0 to 1" in caplog.text
+    assert len(box) == 50
+    assert box.sources() == {"meter9"}  # meter1 has a sequence but no rows left
+    assert [r.seq for r in box.add(readings(2))] == [3, 4]  # numbering goes on
+    box.close()
+
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("PRAGMA user_version").fetchone() == (1,)
+        indexes = {r[0] for r in con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'")}
+        assert {"outbox_ts_ms", "outbox_source_seq"} <= indexes
+        plan = " ".join(str(r) for r in con.execute(
+            "EXPLAIN QUERY PLAN DELETE FROM outbox WHERE ts_ms < ?", (0,)))
+        assert "outbox_ts_ms" in plan, plan  # not a scan of the whole table
+    finally:
+        con.close()
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="homeiot.adapters.outbox"):
+        box = Outbox(path, max_age_days=1)
+    assert "migrating" not in caplog.text  # once
+    # meter9's first 20 and the 2 meter1 readings (at T0 and T0 + 1 s) are older than a day
+    assert box.prune_older_than(epoch_ms(T0 + timedelta(days=1, seconds=20))) == 22
+    assert len(box) == 30
+    box.close()
+
+
+def test_an_outbox_from_a_newer_publisher_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    Outbox(path).close()
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA user_version = 99")
+    con.commit()
+    con.close()
+    with pytest.raises(ConfigError, match="schema version 99 is newer"):
+        Outbox(path)
 
 
 def test_env_file_and_configuration_errors(tmp_path: Path) -> None:

@@ -82,6 +82,26 @@ def test_a_batch_of_invalid_payloads_goes_straight_to_the_dead_letters() -> None
     assert isinstance(action, DeadLetter)
 
 
+def test_a_receipt_names_dead_letters_only_once_they_are_stored() -> None:
+    """A refused point and a rejected payload that still names its seq are dead letters; the
+    receipt names them as dead (so the publisher stops resending), but only after DeadLettered.
+    A payload without a readable seq cannot be named."""
+    flow = GatewayFlow(batch_size=4, batch_age_s=1.0)
+    old = Message(3, 1, "home/power/meter1", b'{"v":2,"seq":3}', T, source="meter1", seq=3,
+                  rejection="v: unsupported schema version 2, expected 1")
+    flow.handle(Received(point(1), 0))
+    flow.handle(Received(point(2), 0))
+    flow.handle(Received(old, 0))
+    [write] = flow.handle(Received(bad(4), 0))
+    assert write == Write(1, ("m v=1 1", "m v=2 2"))
+    [letters] = flow.handle(Written(1, frozenset({"m v=2 2"}), reason="field type conflict"))
+    assert isinstance(letters, DeadLetter)
+    assert len(letters.letters) == 3
+    assert flow.handle(DeadLettered(1)) == [
+        Ack(1, 1), Ack(2, 1), Ack(3, 1), Ack(4, 1),
+        Receipt("meter1", ((1, 1),), dead=((2, 3),)), Settled(1, (point(1),), 3, 0)]
+
+
 def test_nothing_is_acknowledged_on_a_later_connection() -> None:
     flow = GatewayFlow(batch_size=2, batch_age_s=1.0)
     flow.handle(Connected())
@@ -136,20 +156,25 @@ class GatewayMachine(RuleBasedStateMachine):
                     for seq in range(low, high + 1):
                         line = f"m v={seq} {seq}"
                         assert line in self.written_lines, "a receipt for a point not written"
+                for low, high in action.dead:
+                    for seq in range(low, high + 1):
+                        assert f"payload-{seq}".encode() in self.stored_letters, \
+                            "a receipt names a dead letter not stored"
             elif isinstance(action, Settled):
                 assert action.batch_id not in self.settled
                 self.settled.add(action.batch_id)
                 self.settled_messages += len(action.stored) + action.dead
                 self.left_to_broker += action.unacked
 
-    @rule(valid=st.booleans())
-    def receive(self, valid: bool) -> None:
+    @rule(valid=st.booleans(), named=st.booleans())
+    def receive(self, valid: bool, named: bool) -> None:
         mid = self.next_mid
         self.next_mid += 1
         payload = f"payload-{mid}".encode()
         message = (Message(mid, 1, "t/m", payload, T, line=f"m v={mid} {mid}", source="m",
                            seq=mid, ts=T) if valid
-                   else Message(mid, 1, "t/m", payload, T, rejection="bad"))
+                   else Message(mid, 1, "t/m", payload, T, source="m" if named else None,
+                                seq=mid if named else None, rejection="bad"))
         self.received[mid] = (message, self.connection)
         self._run(self.flow.handle(Received(message, self.now)))
 

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import re
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -104,6 +105,29 @@ class _ResponseStream(io.RawIOBase):
         return size
 
 
+def unreachable(exc: httpx.TransportError, url: httpx.URL) -> str:
+    """Why no answer came from InfluxDB at ``url``, in words an operator can act on: a name that
+    does not resolve, a refused connection, or what httpx said. Names only host and port (the
+    URL's query could carry credentials)."""
+    where = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, socket.gaierror):
+            return (f"cannot resolve InfluxDB's host name {url.host!r} (INFLUXDB_URL): "
+                    f"{error.strerror or error}")
+        if isinstance(error, ConnectionRefusedError):
+            return (f"the connection to InfluxDB at {where} was refused: nothing listens there "
+                    "(is it running, is INFLUXDB_URL's port right?)")
+        todo += [e for e in (error.__cause__, error.__context__, *error.args)
+                 if isinstance(e, BaseException)]
+    return f"cannot reach InfluxDB at {where}: {exc}"
+
+
 class InfluxClient:
     """A small synchronous client for one database, reusing one HTTP connection pool."""
 
@@ -131,8 +155,7 @@ class InfluxClient:
         except httpx.TimeoutException as exc:
             raise InfluxUnavailableError(f"InfluxDB at {self.settings.url} timed out: {exc}") from exc
         except httpx.TransportError as exc:
-            raise InfluxUnavailableError(
-                f"cannot reach InfluxDB at {self.settings.url}: {exc}") from exc
+            raise InfluxUnavailableError(unreachable(exc, self._http.base_url)) from exc
         self._raise_for_status(response)
         return response
 
@@ -196,7 +219,7 @@ class InfluxClient:
         except httpx.TimeoutException as exc:
             return WriteAnswer(None, f"InfluxDB timed out: {exc}")
         except httpx.TransportError as exc:
-            return WriteAnswer(None, f"cannot reach InfluxDB: {exc}")
+            return WriteAnswer(None, unreachable(exc, self._http.base_url))
         if response.status_code < 300:
             return WriteAnswer(response.status_code)
         text = _error_text(response)

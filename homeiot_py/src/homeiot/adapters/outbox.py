@@ -4,6 +4,11 @@ and deleted only when the gateway's receipt says InfluxDB stored it (a PUBACK is
 The outbox also owns each source's ``seq``: the next number is stored in the same transaction as
 the reading, so numbers keep increasing across restarts and a gap downstream means a real loss.
 It is bounded (age and row count); when it must drop, it drops the oldest rows and says how many.
+
+Schema versions (``PRAGMA user_version``): 0, the first, had no index but the primary key; 1 adds
+an index on ``ts_ms`` (the age bound's prune would otherwise scan the whole table on the pump
+thread) and on ``(source, seq)`` (what a receipt names; which sources still have rows). Opening an
+outbox of an older version migrates it in place, in one transaction.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ CREATE TABLE IF NOT EXISTS last_energy (
 );
 """
 
+SCHEMA_VERSION = 1
+#: What each version adds to the one before (index 0: from version 0 to 1).
+_MIGRATIONS = (
+    "CREATE INDEX IF NOT EXISTS outbox_ts_ms ON outbox (ts_ms);"
+    "CREATE INDEX IF NOT EXISTS outbox_source_seq ON outbox (source, seq);",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
@@ -62,10 +74,32 @@ class Outbox:
             # FULL: a committed reading survives a power cut. Commits are batched by the caller.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
             (self._rows,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError("PUBLISHER_OUTBOX", f"cannot open the outbox {str(path)!r}: {exc}"
                               ) from exc
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"its schema version {version} is newer than this "
+                                        f"publisher's ({SCHEMA_VERSION}); upgrade the publisher")
+        if version == SCHEMA_VERSION:
+            return
+        logger.info("outbox: migrating %s from schema version %d to %d", self.path, version,
+                    SCHEMA_VERSION)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in _MIGRATIONS[version:]:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -118,10 +152,10 @@ class Outbox:
     def prune_older_than(self, now_ms: int) -> int:
         """Drop readings older than the age bound; returns how many."""
         cutoff = now_ms - self.max_age_ms
-        (old,) = self._db.execute("SELECT count(*) FROM outbox WHERE ts_ms < ?", (cutoff,)
-                                  ).fetchone()
+        before = self._db.total_changes
+        self._db.execute("DELETE FROM outbox WHERE ts_ms < ?", (cutoff,))  # by the ts_ms index
+        old = self._db.total_changes - before
         if old:
-            self._db.execute("DELETE FROM outbox WHERE ts_ms < ?", (cutoff,))
             self._rows -= old
             logger.warning("outbox: dropped %d reading(s) older than %.0f days (never delivered)",
                            old, self.max_age_ms / 86_400_000)
@@ -145,6 +179,12 @@ class Outbox:
         r = self._db.execute("SELECT id, source, seq, payload FROM outbox WHERE id = ?",
                              (row_id,)).fetchone()
         return OutboxRow(r[0], r[1], r[2], bytes(r[3])) if r else None
+
+    def sources(self) -> set[str]:
+        """The sources that have rows in the outbox (each found by the ``(source, seq)`` index)."""
+        known = [r[0] for r in self._db.execute("SELECT source FROM sequences")]
+        return {source for source in known if self._db.execute(
+            "SELECT 1 FROM outbox WHERE source = ? LIMIT 1", (source,)).fetchone()}
 
     def max_id(self) -> int:
         (value,) = self._db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()

@@ -8,9 +8,10 @@ Each received message is collected into the open batch; a full batch (``batch_si
 (``Written``, possibly refusing some lines), the messages it could not store — invalid payloads
 and refused points — become one ``DeadLetter``; once that is durable (``DeadLettered``) or if there
 is none, the batch's messages are acknowledged in arrival order (``Ack``) and each source is told
-which of its seqs InfluxDB now holds (``Receipt``, see :mod:`homeiot.core.receipts`). Nothing is
-acknowledged before its point is written or its letter stored; a receipt names only points
-InfluxDB accepted.
+which of its seqs InfluxDB now holds and which are durably set aside as dead letters (``Receipt``,
+see :mod:`homeiot.core.receipts`), so the publisher deletes both instead of resending a dead
+letter for ever. Nothing is acknowledged before its point is written or its letter stored; a
+receipt names as stored only points InfluxDB accepted, as dead only letters the store committed.
 
 Acknowledgements belong to a connection: a message id is only meaningful on the connection that
 delivered it (the broker reuses ids, and resends unacknowledged messages after a reconnect). The
@@ -134,10 +135,12 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """Tell ``source`` that InfluxDB stored its readings with these seqs (end-to-end ack)."""
+    """Tell ``source`` that InfluxDB stored its readings with seqs ``ranges`` and that those with
+    seqs ``dead`` are dead letters (end-to-end ack)."""
 
     source: str
     ranges: Ranges
+    dead: Ranges = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +163,7 @@ class _Batch:
     messages: list[tuple[Message, int]]  # (message, connection generation)
     started: float
     stored: tuple[Message, ...] = ()
-    dead: int = 0
+    dead: tuple[Message, ...] = ()
 
 
 @dataclass
@@ -243,7 +246,7 @@ class GatewayFlow:
         letters = [Letter(m.topic, m.payload, m.rejection or "", m.received_at) for m in rejected]
         letters += [Letter(m.topic, m.payload, f"InfluxDB refused the point: {reason}",
                            m.received_at) for m in refused]
-        batch.dead = len(letters)
+        batch.dead = (*rejected, *refused)
         if letters:
             return [DeadLetter(batch.id, tuple(letters))]
         return self._settle(batch)
@@ -252,10 +255,14 @@ class GatewayFlow:
         del self._busy[batch.id]
         acks: list[Action] = [Ack(m.mid, m.qos) for m, generation in batch.messages
                               if generation == self.generation]
-        seqs: dict[str, list[int]] = {}
-        for m in batch.stored:
-            if m.source is not None and m.seq is not None:
-                seqs.setdefault(m.source, []).append(m.seq)
-        receipts = [Receipt(source, to_ranges(s)) for source, s in sorted(seqs.items())]
-        return [*acks, *receipts, Settled(batch.id, batch.stored, batch.dead,
+        stored: dict[str, list[int]] = {}
+        dead: dict[str, list[int]] = {}
+        for seqs, messages in ((stored, batch.stored), (dead, batch.dead)):
+            for m in messages:
+                if m.source is not None and m.seq is not None:
+                    seqs.setdefault(m.source, []).append(m.seq)
+        receipts = [Receipt(source, to_ranges(stored.get(source, ())),
+                            to_ranges(dead.get(source, ())))
+                    for source in sorted(stored.keys() | dead.keys())]
+        return [*acks, *receipts, Settled(batch.id, batch.stored, len(batch.dead),
                                           len(batch.messages) - len(acks))]

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from homeiot.core.errors import InvalidDataError, PayloadError
-from homeiot.core.reading import FLOAT_FIELDS, Reading
+from homeiot.core.reading import FLOAT_FIELDS, MAX_SEQ, Reading
 
 SCHEMA_VERSION = 1
 #: Payloads larger than this are rejected before parsing (a reading is ~300 bytes).
@@ -101,6 +101,20 @@ def decode(payload: bytes, source: str) -> Reading:
         raise
     except InvalidDataError as exc:
         raise PayloadError(str(exc)) from exc
+
+
+def peek_seq(payload: bytes) -> int | None:
+    """The ``seq`` of a payload that :func:`decode` refused, when it still names one plainly (a
+    JSON object with one integer ``seq`` in range); None otherwise. The gateway names a dead
+    letter's seq in its receipt with it, so the publisher stops resending what was set aside."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    try:
+        obj = _DECODER.decode(payload.decode("utf-8"))
+    except (PayloadError, ValueError, RecursionError):
+        return None
+    seq = obj.get("seq") if isinstance(obj, dict) else None
+    return seq if type(seq) is int and 0 <= seq <= MAX_SEQ else None
 
 
 def _number(obj: dict[str, Any], name: str) -> float | None:

@@ -25,9 +25,12 @@ class Point:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """Why a message can never become a point (it belongs in the dead letters)."""
+    """Why a message can never become a point (it belongs in the dead letters); ``source`` and
+    ``seq`` when the topic and payload still name them (see :func:`codec.peek_seq`)."""
 
     reason: str
+    source: str | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +47,11 @@ def ingest(rules: Rules, topic: str, payload: bytes, now: datetime) -> Point | R
     """Decode ``payload`` received on ``topic`` at ``now`` into a point, or say why not."""
     try:
         source = source_from_topic(rules.base_topic, topic)
+    except InvalidDataError as exc:
+        return Rejection(str(exc))
+    try:
         reading = check_not_future(codec.decode(payload, source), now, rules.max_ahead)
         line = encode_reading(reading, rules.measurement)
     except InvalidDataError as exc:
-        return Rejection(str(exc))
+        return Rejection(str(exc), source, codec.peek_seq(payload))
     return Point(source, reading.seq, reading.ts, line)

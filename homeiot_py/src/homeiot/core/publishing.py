@@ -7,11 +7,13 @@ A row is *in flight* once paho took it (``Published``, with paho's message id). 
 (``PubAck``) only says what the broker did with it: a good one makes the row *await its receipt*;
 a refusal (a failure reason code such as 0x87 "not authorized", or 0x10 "no matching
 subscribers") makes it *refused*: resent after a backoff, the refusal reported once per change of
-reason. Only a receipt from the gateway (``Stored``: InfluxDB holds these seqs, see
-:mod:`homeiot.core.receipts`) deletes a row. A row whose receipt does not come within
-``receipt_timeout_s`` is resent, the timeout doubling each time up to ``receipt_timeout_max_s``
-(the receipt may have been lost, or the gateway may be away: InfluxDB overwrites a point with the
-same series and time, so a resend never duplicates a row).
+reason. Only a receipt from the gateway (``Stored``: InfluxDB holds these seqs of this source, or
+its dead-letter store does, see :mod:`homeiot.core.receipts`) deletes a row. Rows are known by
+``(source, seq)``: seqs are numbered per source, and the outbox may hold rows of a source the
+publisher was renamed from, so a receipt for one source never deletes another's row. A row whose
+receipt does not come within ``receipt_timeout_s`` is resent, the timeout doubling each time up to
+``receipt_timeout_max_s`` (the receipt may have been lost, or the gateway may be away: InfluxDB
+overwrites a point with the same series and time, so a resend never duplicates a row).
 
 Messages paho still holds across a reconnect keep their message ids (paho resends them itself),
 so a PUBACK always names the row it was sent for.
@@ -20,6 +22,9 @@ so a PUBACK always names the row it was sent for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from homeiot.core.receipts import Ranges, contains, to_ranges
+from homeiot.core.topics import topic_for
 
 #: PUBACK reason code 0x10: the broker accepted the message but nobody subscribes to the topic.
 NO_MATCHING_SUBSCRIBERS = 0x10
@@ -48,9 +53,11 @@ class Disconnected:
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """paho took outbox row ``row_id`` (reading ``seq``) for sending, as message ``mid``."""
+    """paho took outbox row ``row_id`` (reading ``seq`` of ``source``) for sending, as message
+    ``mid``."""
 
     row_id: int
+    source: str
     seq: int
     mid: int
     at: float
@@ -58,9 +65,12 @@ class Published:
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A receipt: InfluxDB holds this source's readings with these seqs (inclusive ranges)."""
+    """A receipt for ``source``: InfluxDB holds its readings with seqs ``ranges``, the gateway's
+    dead-letter store those with seqs ``dead`` (inclusive ranges)."""
 
-    ranges: tuple[tuple[int, int], ...]
+    source: str
+    ranges: Ranges
+    dead: Ranges = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +118,15 @@ class Resend:
 
 
 @dataclass(frozen=True, slots=True)
+class SetAside:
+    """The gateway set these readings of ``source`` aside as dead letters (they are deleted
+    here too, by the ``Delete`` that follows); log at WARNING."""
+
+    source: str
+    seqs: Ranges
+
+
+@dataclass(frozen=True, slots=True)
 class Alarm:
     """Something refuses our readings; log at ERROR (once per change, the machine sees to it)."""
 
@@ -121,33 +140,37 @@ class Recovered:
     message: str
 
 
-Action = Delete | Resend | Alarm | Recovered
+Action = Delete | Resend | SetAside | Alarm | Recovered
+
+Key = tuple[str, int]  # (source, seq): what a receipt names
 
 
 @dataclass(slots=True)
 class _Waiting:
-    seq: int
+    key: Key
     due: float
     timeout: float
 
 
 @dataclass
 class PublisherFlow:
-    """See the module docstring. ``topic`` only names the topic in reports; ``window`` bounds the
-    messages awaiting a PUBACK, ``unreceipted_max`` every row sent and not yet receipted."""
+    """See the module docstring. ``base_topic`` (``MQTT_TOPIC``) only names topics in reports;
+    ``window`` bounds the messages awaiting a PUBACK, ``unreceipted_max`` every row sent and not
+    yet receipted."""
 
-    topic: str
+    base_topic: str
     window: int
     unreceipted_max: int = 10_000
     receipt_timeout_s: float = 30.0
     receipt_timeout_max_s: float = 600.0
-    _in_flight: dict[int, tuple[int, int]] = field(default_factory=dict)  # mid → (row id, seq)
+    _in_flight: dict[int, tuple[int, Key]] = field(default_factory=dict)  # mid → (row id, key)
     _waiting: dict[int, _Waiting] = field(default_factory=dict)  # row id → its receipt's wait
-    _refused: dict[int, int] = field(default_factory=dict)  # row id → seq, waiting for a retry
+    _refused: dict[int, Key] = field(default_factory=dict)  # row id → key, waiting for a retry
     _timeouts: dict[int, float] = field(default_factory=dict)  # row id → next receipt timeout
     _retry_at: float = 0.0
     _retry_delay: float = RETRY_MIN_S
-    _refusal: str | None = None
+    _refusals: dict[str, str] = field(default_factory=dict)  # topic → the broker's refusal
+    _topics: dict[str, str] = field(default_factory=dict)  # source → its topic (validated once)
     _scan_at: float = 0.0  # no receipt is due before then (saves scanning every tick)
     _no_receipts: bool = False  # alarmed that receipts stopped coming
     _now: float | None = None  # the latest time seen
@@ -175,22 +198,22 @@ class PublisherFlow:
                 | frozenset(self._refused))
 
     @property
-    def refusal(self) -> str | None:
-        """The broker's current refusal, if any."""
-        return self._refusal
+    def refusals(self) -> dict[str, str]:
+        """The broker's current refusals, by topic."""
+        return dict(self._refusals)
 
     def handle(self, event: Event) -> list[Action]:
         """Feed one event; returns what to do, in order."""
         match event:
-            case Published(row_id, seq, mid, _):
-                self._in_flight[mid] = (row_id, seq)
+            case Published(row_id, source, seq, mid, _):
+                self._in_flight[mid] = (row_id, (source, seq))
                 self._refused.pop(row_id, None)
                 self._waiting.pop(row_id, None)
                 return []
             case PubAck():
                 return self._pub_ack(event)
-            case Stored(ranges):
-                return self._stored(ranges)
+            case Stored():
+                return self._stored(event)
             case Tick(at):
                 return self._tick(at)
             case Gone(row_id):
@@ -206,42 +229,53 @@ class PublisherFlow:
         entry = self._in_flight.pop(ack.mid, None)
         if entry is None:  # a message id we never sent (or already receipted): nothing to do
             return []
-        row_id, seq = entry
+        row_id, key = entry
+        topic = self._topics.get(key[0]) or self._topics.setdefault(
+            key[0], topic_for(self.base_topic, key[0]))
         if delivered(ack.reason):
             timeout = self._timeouts.get(row_id, self.receipt_timeout_s)
-            self._waiting[row_id] = _Waiting(seq, ack.at + timeout, timeout)
+            self._waiting[row_id] = _Waiting(key, ack.at + timeout, timeout)
             self._scan_at = min(self._scan_at, ack.at + timeout)
-            if self._refusal is None:
+            # Per topic: readings of a former source may be refused while the current one's
+            # are taken; one's success neither ends the other's alarm nor its backoff.
+            if self._refusals.pop(topic, None) is None:
                 return []
-            self._refusal = None
             self._retry_delay = RETRY_MIN_S
             self._retry_at = 0.0  # what it refused goes out again at once
-            return [Recovered(f"the broker accepts readings on topic {self.topic} again")]
-        self._refused[row_id] = seq
+            return [Recovered(f"the broker accepts readings on topic {topic} again")]
+        self._refused[row_id] = key
         reason = f"{ack.reason_text} (0x{ack.reason:02x})"
         if ack.at >= self._retry_at:  # refusals of live readings meanwhile do not push it back
             self._retry_at = ack.at + self._retry_delay
-        if reason == self._refusal:
+        if self._refusals.get(topic) == reason:
             return []
-        self._refusal = reason
-        return [Alarm(f"the broker refused readings on topic {self.topic}: {reason}; they stay "
-                      "in the outbox and are resent with backoff")]
+        self._refusals[topic] = reason
+        return [Alarm(f"the broker refused readings on topic {topic}: {ack.reason_text} "
+                      f"(0x{ack.reason:02x}); they stay in the outbox and are resent with "
+                      "backoff")]
 
-    def _stored(self, ranges: tuple[tuple[int, int], ...]) -> list[Action]:
-        def stored(seq: int) -> bool:
-            return any(low <= seq <= high for low, high in ranges)
+    def _stored(self, receipt: Stored) -> list[Action]:
+        def named(key: Key) -> bool:
+            return key[0] == receipt.source and (contains(receipt.ranges, key[1])
+                                                 or contains(receipt.dead, key[1]))
 
-        rows = {row for row, w in self._waiting.items() if stored(w.seq)}
-        rows |= {row for row, seq in self._refused.items() if stored(seq)}
-        for mid, (row, seq) in list(self._in_flight.items()):
-            if stored(seq):  # the receipt overtook our PUBACK (an earlier send was stored)
-                rows.add(row)
+        rows = {row: w.key for row, w in self._waiting.items() if named(w.key)}
+        rows |= {row: key for row, key in self._refused.items() if named(key)}
+        for mid, (row, key) in list(self._in_flight.items()):
+            if named(key):  # the receipt overtook our PUBACK (an earlier send was stored)
+                rows[row] = key
                 del self._in_flight[mid]
         for row in rows:
             self._waiting.pop(row, None)
             self._refused.pop(row, None)
             self._timeouts.pop(row, None)
-        actions: list[Action] = [Delete(tuple(sorted(rows)))] if rows else []
+        actions: list[Action] = []
+        dead = [seq for _, seq in rows.values() if contains(receipt.dead, seq)
+                and not contains(receipt.ranges, seq)]
+        if dead:
+            actions.append(SetAside(receipt.source, to_ranges(dead)))
+        if rows:
+            actions.append(Delete(tuple(sorted(rows))))
         self._receipt_at = self._now
         if self._no_receipts:
             self._no_receipts = False

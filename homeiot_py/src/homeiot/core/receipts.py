@@ -4,16 +4,22 @@ After InfluxDB accepted a batch, the gateway publishes to ``{MQTT_RECEIPT_TOPIC}
 default ``homeiot/receipts/meter1``, a tree apart from the readings' ``{MQTT_TOPIC}/+``) exactly
 which of that source's readings are stored, by ``seq``, as inclusive ranges::
 
-    {"v": 1, "stored": [[0, 41], [45, 45]]}
+    {"v": 1, "stored": [[0, 41], [45, 45]], "dead": [[42, 42]]}
+
+``dead`` (absent when empty) names the readings the gateway could not store but set aside in its
+dead-letter store, durably, before it said so (InfluxDB refused them for good, or they broke
+today's rules): ``homeiot-gateway replay-dead-letters`` stores them once the cause is fixed, so
+the publisher may delete them too instead of resending them for ever.
 
 Backlog and live readings interleave, so a receipt lists seqs, never a high-water mark. The
-publisher deletes a reading from its outbox only when a receipt names it.
+publisher deletes a reading from its outbox only when a receipt for its own source names it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from homeiot.core.errors import PayloadError, TopicError
 from homeiot.core.reading import MAX_SEQ, validate_source
@@ -28,6 +34,14 @@ Ranges = tuple[tuple[int, int], ...]
 def receipt_topic(root: str, source: str) -> str:
     """Where the receipts of ``source`` go."""
     return f"{validate_base_topic(root)}/{validate_source(source)}"
+
+
+def source_of(root: str, topic: str) -> str:
+    """The source a receipt on ``topic`` is for; raises :class:`TopicError`."""
+    prefix = root + "/"
+    if not topic.startswith(prefix):
+        raise TopicError(f"receipt topic {topic!r} is not under {root!r}")
+    return validate_source(topic[len(prefix):])
 
 
 def validate_receipt_root(root: str, readings_base: str) -> str:
@@ -55,22 +69,39 @@ def contains(ranges: Ranges, seq: int) -> bool:
     return any(low <= seq <= high for low, high in ranges)
 
 
-def encode(ranges: Ranges) -> bytes:
-    return json.dumps({"v": VERSION, "stored": [list(r) for r in ranges]},
-                      separators=(",", ":")).encode()
+@dataclass(frozen=True, slots=True)
+class Body:
+    """What a receipt says: these seqs are stored in InfluxDB, those are dead letters."""
+
+    stored: Ranges
+    dead: Ranges = ()
 
 
-def decode(payload: bytes) -> Ranges:
-    """The stored ranges of a receipt; raises :class:`PayloadError` for anything else."""
+def encode(stored: Ranges, dead: Ranges = ()) -> bytes:
+    body: dict[str, object] = {"v": VERSION, "stored": [list(r) for r in stored]}
+    if dead:
+        body["dead"] = [list(r) for r in dead]
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes) -> Body:
+    """What a receipt says; raises :class:`PayloadError` for anything else. A receipt without
+    ``dead`` (from a gateway before it existed) names no dead letters."""
     try:
         body = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError(f"receipt is not JSON: {exc}") from None
     if not isinstance(body, dict) or body.get("v") != VERSION or \
-            not isinstance(body.get("stored"), list):
-        raise PayloadError('receipt must be {"v": 1, "stored": [[low, high], ...]}')
+            not isinstance(body.get("stored"), list) or \
+            not isinstance(body.get("dead", []), list):
+        raise PayloadError('receipt must be {"v": 1, "stored": [[low, high], ...], '
+                           '"dead": [[low, high], ...]}')
+    return Body(_ranges(body["stored"]), _ranges(body.get("dead", [])))
+
+
+def _ranges(items: list[object]) -> Ranges:
     ranges = []
-    for item in body["stored"]:
+    for item in items:
         if not (isinstance(item, list) and len(item) == 2
                 and all(isinstance(n, int) and not isinstance(n, bool) for n in item)
                 and 0 <= item[0] <= item[1] <= MAX_SEQ):

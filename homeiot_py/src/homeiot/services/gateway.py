@@ -11,7 +11,14 @@ memory while InfluxDB is down: the backlog stays in the broker.
 
 Invalid payloads become dead letters (stored before they are acknowledged); a batch that InfluxDB
 refuses in part has its refused lines set aside the same way. Nothing is acknowledged that is not
-stored somewhere durable.
+stored somewhere durable. Receipts name both (stored, dead-lettered), so a publisher stops
+resending a reading once it is durable here either way.
+
+The broker's answers are read: a SUBSCRIBE it refuses (a failure code in the SUBACK) and a
+receipt it refuses (a failure code in the PUBACK, e.g. 0x87 when the ACL does not let the gateway
+write the receipt tree) are logged at ERROR once per change, naming the topic and the reason, and
+``/readyz`` says so until they are accepted again (the SUBSCRIBE is retried every
+``RESUBSCRIBE_EVERY_S``).
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ _BACKOFF_MAX_S = 10.0
 
 #: How often the gateway stores its health signals for the alerts (core/status.py).
 STATUS_EVERY_S = 60.0
+#: How often a SUBSCRIBE the broker refused is tried again.
+RESUBSCRIBE_EVERY_S = 30.0
+#: Receipts awaiting their PUBACK that the gateway remembers (by message id) to name a refusal.
+_RECEIPTS_TRACKED = 10_000
 
 
 def broker_cert_not_after(client: mqtt.Client) -> float | None:
@@ -136,6 +147,11 @@ class Gateway:
         self.exit_code = 0
         self.heartbeat = 0.0
         self.mqtt_problem: str | None = None
+        self.subscribe_problem: str | None = None
+        self.receipt_problem: str | None = None
+        self._receipt_reason: str | None = None
+        self._pubacks: queue.Queue[tuple[int, ReasonCode]] = queue.Queue()
+        self._receipt_mids: dict[int, str] = {}  # writer thread only: receipt mid → its topic
         self._last_seq: dict[str, int] = {}
         self._gauged: set[str] = set()
         self.mqtt_connected = False
@@ -160,6 +176,8 @@ class Gateway:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
         self._client.on_connect_fail = self._on_connect_fail
         self._report = mqtt_adapter.ConnectionReport(logger, "gateway")
 
@@ -223,6 +241,27 @@ class Gateway:
         client.subscribe(self._topic_filter, qos=1)
         logger.info("connected: session_present=%s", flags.session_present)
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Any) -> None:
+        # The gateway subscribes one filter only, so every SUBACK is about it.
+        failed = [code for code in reason_codes if code.is_failure]
+        if failed:
+            problem = (f"the broker refused our subscription to {self._topic_filter}: "
+                       f"{failed[0]} (0x{failed[0].value:02x}); no reading arrives until it is "
+                       "granted: may the gateway's identity read it in the broker's ACL? "
+                       f"Retrying every {RESUBSCRIBE_EVERY_S:.0f} s")
+            if problem != self.subscribe_problem:
+                logger.error("%s", problem)
+            self.subscribe_problem = problem
+        elif self.subscribe_problem is not None:
+            self.subscribe_problem = None
+            logger.info("the broker granted our subscription to %s", self._topic_filter)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Any) -> None:
+        # paho calls this holding its message lock: hand over, the writer thread reads it.
+        self._pubacks.put((mid, reason))
+
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self.mqtt_problem = mqtt_adapter.diagnose(self.settings.mqtt)
         self._report.failed(self.mqtt_problem)
@@ -258,6 +297,7 @@ class Gateway:
         outcome = ingest(self._rules, topic, payload, received_at)
         if isinstance(outcome, Rejection):
             return batching.Message(mid, qos, topic, payload, received_at,
+                                    source=outcome.source, seq=outcome.seq,
                                     rejection=outcome.reason)
         return batching.Message(mid, qos, topic, payload, received_at, outcome.line,
                                 outcome.source, outcome.seq, outcome.ts)
@@ -274,7 +314,7 @@ class Gateway:
 
     def _write_loop_inner(self) -> None:
         age = self.settings.batch_age_s
-        last_gauges = 0.0
+        last_gauges = last_subscribe = 0.0
         deadline: float | None = None
         while True:
             stopping = self._stopping.is_set()
@@ -291,7 +331,12 @@ class Gateway:
             self.heartbeat = time.monotonic()
             if not self._carry_out(actions, deadline):
                 return
+            self._settle_receipt_acks()
             self.heartbeat = time.monotonic()
+            if self.subscribe_problem and self.mqtt_connected and not stopping and \
+                    self.heartbeat - last_subscribe >= RESUBSCRIBE_EVERY_S:
+                last_subscribe = self.heartbeat
+                self._client.subscribe(self._topic_filter, qos=1)
             self.metrics.backlog.set(self.pending)
             if self.heartbeat - self._last_status >= STATUS_EVERY_S and not stopping:
                 self._last_status = self.heartbeat
@@ -354,10 +399,9 @@ class Gateway:
                         todo[:0] = self.flow.handle(batching.DeadLettered(batch_id))
                 case batching.Ack(mid, qos):
                     self._client.ack(mid, qos)
-                case batching.Receipt(source, ranges):
+                case batching.Receipt(source, ranges, dead):
                     # QoS 1; if it is lost, the publisher resends and we store and say it again.
-                    self._client.publish(receipt_topic(self.settings.mqtt.receipt_topic, source),
-                                         receipts.encode(ranges), qos=1)
+                    self._send_receipt(source, ranges, dead)
                 case batching.Settled(_, stored, _, _):
                     self.metrics.written.inc(len(stored))
                     for message in stored:
@@ -369,6 +413,43 @@ class Gateway:
                         if newest is None or message.ts > newest:
                             self.last_reading[message.source] = message.ts
         return True
+
+    def _send_receipt(self, source: str, stored: receipts.Ranges, dead: receipts.Ranges) -> None:
+        topic = receipt_topic(self.settings.mqtt.receipt_topic, source)
+        info = self._client.publish(topic, receipts.encode(stored, dead), qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: queued
+            self._receipt_refused(topic, mqtt.error_string(info.rc))
+            return
+        if len(self._receipt_mids) >= _RECEIPTS_TRACKED:  # PUBACKs that never came (a drop)
+            del self._receipt_mids[next(iter(self._receipt_mids))]
+        self._receipt_mids[info.mid] = topic
+
+    def _settle_receipt_acks(self) -> None:
+        """Read the broker's answers to our receipts (PUBACKs, on the writer thread)."""
+        while True:
+            try:
+                mid, reason = self._pubacks.get_nowait()
+            except queue.Empty:
+                return
+            topic = self._receipt_mids.pop(mid, None)
+            if topic is None:
+                continue
+            if reason.is_failure:  # 0x10 "no matching subscribers" is not: the Pi is away
+                self._receipt_refused(topic, f"{reason} (0x{reason.value:02x})")
+            elif self.receipt_problem is not None:
+                self.receipt_problem = self._receipt_reason = None
+                logger.info("the broker accepts our receipts again (%s)", topic)
+
+    def _receipt_refused(self, topic: str, reason: str) -> None:
+        """Report a refused receipt once per change of reason (not of topic: every source's
+        receipt is refused alike when the ACL lacks the tree), and tell /readyz."""
+        if reason != self._receipt_reason:
+            logger.error("the broker refused our receipt on %s: %s; publishers keep their "
+                         "readings and resend them: may the gateway's identity write %s/# in "
+                         "the broker's ACL?", topic, reason, self.settings.mqtt.receipt_topic)
+        self._receipt_reason = reason
+        self.receipt_problem = (f"the broker refused our receipt on {topic}: {reason}; "
+                                "publishers keep their readings and resend them")
 
     def _write(self, batch_id: int, lines: list[str],
                deadline: float | None) -> batching.Written | None:
@@ -451,6 +532,10 @@ class Gateway:
                            f"({self.pending} messages waiting)")
         if self.influx_problem:
             reasons.append(self.influx_problem)
+        if self.subscribe_problem:
+            reasons.append(self.subscribe_problem)
+        if self.receipt_problem:
+            reasons.append(self.receipt_problem)
         if not self.mqtt_connected:
             reasons.append(f"not connected to the broker: {self.mqtt_problem or 'connecting'}")
         return reasons

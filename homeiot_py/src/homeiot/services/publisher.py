@@ -14,6 +14,15 @@ is logged at ERROR once per change of reason, and the row is resent with backoff
 receipt does not come in ``receipt_timeout_s`` is resent, with a doubling timeout. At most
 ``window`` messages await their PUBACK and ``unreceipted_max`` their receipt.
 
+Each row goes out on its own source's topic and is deleted only by a receipt for that source (rows
+are known by ``(source, seq)``): after ``SOURCE_DEFAULT`` changed, the rows of the old name still
+in the outbox go out as what they are (the broker's ACL must still let this identity write and
+read that source's topics, or the refusal is logged at ERROR and they stay). The publisher
+subscribes the receipts of every source with rows; a refused SUBSCRIBE (a failure reason code in
+the SUBACK, e.g. 0x87 "not authorized") is logged at ERROR once per change, naming the topic and
+the reason — no reading can be deleted then — and the SUBSCRIBE is retried every
+``_RESUBSCRIBE_EVERY_S``.
+
 paho resends its own in-flight messages after a reconnect; rows it holds are skipped when the
 backlog is drained. After a restart everything in the outbox is sent again — a reading stored
 twice overwrites itself in InfluxDB, so duplicates are harmless and nothing is lost.
@@ -35,7 +44,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from homeiot.adapters import mqtt as mqtt_adapter
 from homeiot.adapters.meters import Meter
-from homeiot.adapters.outbox import Outbox
+from homeiot.adapters.outbox import Outbox, OutboxRow
 from homeiot.config import PublisherSettings
 from homeiot.core import publishing, receipts
 from homeiot.core.errors import HomeIotError, InvalidDataError, MeterLinkDeadError, RejectedError
@@ -48,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 600.0
 _STATS_EVERY_S = 60.0
+_RESUBSCRIBE_EVERY_S = 60.0
 
 
 def sd_notify(message: str) -> None:
@@ -81,8 +91,15 @@ class Publisher:
         self._connects = 0
         self._last_ts: dict[tuple[str, bool], datetime] = {}  # (source, slot?) -> newest ts
         self.receipts_topic = receipt_topic(settings.mqtt.receipt_topic, settings.source)
-        self._receipts: queue.Queue[bytes] = queue.Queue()
-        self.flow = PublisherFlow(self.topic, settings.window,  # pump thread only
+        self._receipts: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._subacks: queue.Queue[tuple[int, list[ReasonCode]]] = queue.Queue()
+        # Pump thread only: receipt topics subscribed on this connection (by SUBSCRIBE mid), and
+        # those the broker refused (topic → reason).
+        self._receipt_topics: set[str] = set()
+        self._subscribing: dict[int, str] = {}
+        self.receipt_refusals: dict[str, str] = {}
+        self._resubscribe_at = 0.0
+        self.flow = PublisherFlow(settings.mqtt.topic, settings.window,  # pump thread only
                                   unreceipted_max=settings.unreceipted_max,
                                   receipt_timeout_s=settings.receipt_timeout_s)
         self._backlog_cursor = 0
@@ -96,12 +113,14 @@ class Publisher:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_connect_fail = self._on_connect_fail
         self._report = mqtt_adapter.ConnectionReport(logger, "publisher")
         self._meter_thread = threading.Thread(target=self._meter_loop, name="meter", daemon=True)
         self._watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
         self.published = 0
         self.delivered = 0
+        self.dead_lettered = 0  # of those deleted, how many the gateway set aside
         self.fatal_error: str | None = None
         self.exit_code = 0  # 3: the meter refused our credentials; 4: the meter link is dead
 
@@ -116,9 +135,9 @@ class Publisher:
             return
         self._report.connected()
         self._connects += 1
+        # The pump subscribes the receipts (before it publishes anything on this connection).
         # Receipts sent while we were away are lost with the clean session: what they named is
         # resent after the receipt timeout, and InfluxDB overwrites it in place.
-        client.subscribe(self.receipts_topic, qos=1)
         self.connected.set()
         self._wake.set()
         logger.info("connected to %s:%s", self.settings.mqtt.host, self.settings.mqtt.port)
@@ -139,7 +158,12 @@ class Publisher:
         self._report.failed(mqtt_adapter.diagnose(self.settings.mqtt))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._receipts.put(bytes(msg.payload))
+        self._receipts.put((msg.topic, bytes(msg.payload)))
+        self._wake.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Any) -> None:
+        self._subacks.put((mid, list(reason_codes)))
         self._wake.set()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -168,8 +192,9 @@ class Publisher:
             self._settle(2.0)
             mqtt_adapter.close(self._client)
             self.meter.close()
-            logger.info("publisher stopped: published=%d stored=%d waiting=%d",
-                        self.published, self.delivered, len(self.outbox))
+            logger.info("publisher stopped: published=%d stored=%d dead_lettered=%d waiting=%d",
+                        self.published, self.delivered - self.dead_lettered, self.dead_lettered,
+                        len(self.outbox))
 
     def _fatal(self, exc: RejectedError | MeterLinkDeadError) -> None:
         logger.error("meter: %s; stopping", exc)
@@ -234,9 +259,11 @@ class Publisher:
                 self.outbox.prune_older_than(epoch_ms(datetime.now(UTC)))
                 last_prune = now
             if now - last_stats > _STATS_EVERY_S:
-                logger.info("publisher: published=%d stored=%d in_flight=%d unreceipted=%d "
-                            "waiting=%d", self.published, self.delivered, self.flow.in_flight,
-                            self.flow.unreceipted, len(self.outbox))
+                logger.info("publisher: published=%d stored=%d dead_lettered=%d in_flight=%d "
+                            "unreceipted=%d waiting=%d receipt_subscriptions_refused=%d",
+                            self.published, self.delivered - self.dead_lettered,
+                            self.dead_lettered, self.flow.in_flight, self.flow.unreceipted,
+                            len(self.outbox), len(self.receipt_refusals))
                 last_stats = now
             if self._watchdog_s and now - last_watchdog >= self._watchdog_s:
                 sd_notify("WATCHDOG=1")  # from the pump: a stuck pump lets systemd restart us
@@ -275,14 +302,53 @@ class Publisher:
                                                           time.monotonic()))
         while True:
             try:
-                payload = self._receipts.get_nowait()
+                topic, payload = self._receipts.get_nowait()
             except queue.Empty:
                 break
             try:
-                actions += self.flow.handle(publishing.Stored(receipts.decode(payload)))
+                source = receipts.source_of(self.settings.mqtt.receipt_topic, topic)
+                body = receipts.decode(payload)
             except InvalidDataError as exc:
-                logger.warning("ignoring a bad receipt on %s: %s", self.receipts_topic, exc)
+                logger.warning("ignoring a bad receipt on %s: %s", topic, exc)
+                continue
+            actions += self.flow.handle(publishing.Stored(source, body.stored, body.dead))
+        self._settle_subacks()
         self._execute(actions)
+
+    def _subscribe_receipts(self, sources: set[str], *, retry: bool = True) -> None:
+        """Subscribe the receipts of ``sources`` not yet subscribed on this connection (those the
+        broker refused only if ``retry``)."""
+        for source in sorted(sources):
+            topic = receipt_topic(self.settings.mqtt.receipt_topic, source)
+            if topic in self._receipt_topics or (not retry and topic in self.receipt_refusals):
+                continue
+            rc, mid = self._client.subscribe(topic, qos=1)
+            if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._receipt_topics.add(topic)
+                self._subscribing[mid] = topic
+
+    def _settle_subacks(self) -> None:
+        while True:
+            try:
+                mid, codes = self._subacks.get_nowait()
+            except queue.Empty:
+                return
+            topic = self._subscribing.pop(mid, None)
+            if topic is None or not codes:
+                continue
+            code = codes[0]
+            if code.is_failure:
+                reason = f"{code} (0x{code.value:02x})"
+                self._receipt_topics.discard(topic)  # retried by _publish
+                if self.receipt_refusals.get(topic) != reason:
+                    logger.error(
+                        "the broker refused our subscription to receipts on %s: %s; no reading "
+                        "can be deleted until it is granted (they stay in the outbox and are "
+                        "resent): may this identity read %s in the broker's ACL? Retrying "
+                        "every %.0f s", topic, reason, topic, _RESUBSCRIBE_EVERY_S)
+                self.receipt_refusals[topic] = reason
+            elif self.receipt_refusals.pop(topic, None) is not None:
+                logger.info("the broker granted our subscription to receipts on %s", topic)
 
     def _execute(self, actions: list[publishing.Action]) -> None:
         deleted: list[int] = []
@@ -296,7 +362,15 @@ class Publisher:
                         if row is None:
                             self.flow.handle(publishing.Gone(row_id))
                         elif self.connected.is_set():
-                            self._send(row.id, row.seq, row.payload)
+                            self._send(row)
+                case publishing.SetAside(source, seqs):
+                    self.dead_lettered += sum(high - low + 1 for low, high in seqs)
+                    logger.warning("the gateway set aside reading(s) of %s as dead letters (seq "
+                                   "%s): it keeps them (`homeiot-gateway dead-letters` lists "
+                                   "them), so they leave the outbox", source,
+                                   ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}"
+                                             for lo, hi in seqs[:5])
+                                   + (", …" if len(seqs) > 5 else ""))
                 case publishing.Alarm(message):
                     logger.error("%s (%d waiting)", message, len(self.outbox))
                 case publishing.Recovered(message):
@@ -316,16 +390,23 @@ class Publisher:
             # A (re)connect: everything in the outbox up to now is backlog, drained at a bounded
             # rate; rows paho still holds are skipped (paho resends them itself).
             self._seen_connects = self._connects
+            self._receipt_topics.clear()
+            self._subscribing.clear()
+            self._subscribe_receipts(self.outbox.sources() | {self.settings.source})
+            self._resubscribe_at = time.monotonic() + _RESUBSCRIBE_EVERY_S
             self._backlog_end = self._live_after = self.outbox.max_id()
             logger.info("backlog: %d reading(s) to send at %.0f/s", len(self.outbox),
                         self.settings.backlog_rate)
+        if self.receipt_refusals and time.monotonic() >= self._resubscribe_at:
+            self._resubscribe_at = time.monotonic() + _RESUBSCRIBE_EVERY_S
+            self._subscribe_receipts(self.outbox.sources() | {self.settings.source})
         self._execute(self.flow.handle(publishing.Tick(time.monotonic())))
         room = self.flow.room
         if room <= 0:
             return
         # New readings first: they go out as they come.
         for row in self.outbox.after(self._live_after, 2**62, room):
-            self._send(row.id, row.seq, row.payload)
+            self._send(row)
             self._live_after = row.id
             room -= 1
         room = self.flow.room
@@ -340,13 +421,19 @@ class Publisher:
                 self._backlog_cursor = row.id
                 if row.id in holding:
                     continue
-                self._send(row.id, row.seq, row.payload)
+                self._send(row)
                 self._tokens -= 1
                 room -= 1
 
-    def _send(self, row_id: int, seq: int, payload: bytes) -> None:
-        info = self._client.publish(self.topic, payload, qos=1)
+    def _send(self, row: OutboxRow) -> None:
+        # Its own source's topic: the gateway takes the source from the topic, so a row of a
+        # former SOURCE_DEFAULT must not go out under the new name.
+        if row.source != self.settings.source:
+            self._subscribe_receipts({row.source}, retry=False)
+        info = self._client.publish(topic_for(self.settings.mqtt.topic, row.source), row.payload,
+                                    qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise HomeIotError(f"publish failed: {mqtt.error_string(info.rc)}")
-        self.flow.handle(publishing.Published(row_id, seq, info.mid, time.monotonic()))
+        self.flow.handle(publishing.Published(row.id, row.source, row.seq, info.mid,
+                                              time.monotonic()))
         self.published += 1
