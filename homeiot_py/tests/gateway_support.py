@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
+import httpx
 import paho.mqtt.client as mqtt
 
 from homeiot.adapters import mqtt as mqtt_adapter
@@ -57,10 +58,21 @@ def gateway_env(settings: GatewaySettings, api_port: int | None = None) -> dict[
     }
 
 
-def start_gateway_process(settings: GatewaySettings, log: Path) -> subprocess.Popen[bytes]:
+def start_gateway_process(settings: GatewaySettings, log: Path,
+                          api_port: int | None = None) -> subprocess.Popen[bytes]:
+    """``homeiot-gateway`` as its own process, its output appended to ``log``."""
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"], env=gateway_env(settings),
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"],
+                                env=gateway_env(settings, api_port), stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def readiness(port: int) -> httpx.Response | None:
+    """The gateway's /readyz answer on ``port``, or None while nothing answers."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+    except httpx.HTTPError:
+        return None
 
 
 class RunningGateway:

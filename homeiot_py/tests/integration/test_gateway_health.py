@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +15,10 @@ from tests.conftest import USERS
 from tests.gateway_support import (
     Publisher,
     RunningGateway,
-    gateway_env,
     gateway_settings,
+    readiness,
     reading,
+    start_gateway_process,
     wait_until,
 )
 from tests.services import Influxd, Mosquitto, Pki, free_port, start_mosquitto
@@ -34,26 +33,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Mosqu
     server.process.stop()
 
 
-def _ready(port: int) -> httpx.Response | None:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-    except httpx.HTTPError:
-        return None
-
-
 def test_a_locked_dead_letter_store_stops_the_gateway_loudly_and_nothing_is_lost(
         broker: Mosquitto, influx_db: InfluxSettings, tmp_path: Path) -> None:
     settings = gateway_settings(broker, influx_db, tmp_path)
     port = free_port()
     log = tmp_path / "gateway.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"],
-                                env=gateway_env(settings, port), stdout=out,
-                                stderr=subprocess.STDOUT)
+    proc = start_gateway_process(settings, log, api_port=port)
     holder = None
     publisher = Publisher(broker, "meter1")
     try:
-        wait_until(lambda: (r := _ready(port)) is not None and r.status_code == 200, 30,
+        wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 200, 30,
                    "the gateway to be ready")
         # Another process (replay-dead-letters, say) holds the store's write lock for good.
         holder = sqlite3.connect(settings.dead_letter_db, isolation_level=None)
@@ -87,17 +76,14 @@ def test_readyz_says_why_while_influxdb_refuses(
     settings = gateway_settings(broker, influx, tmp_path)
     port = free_port()
     log = tmp_path / "gateway.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"],
-                                env=gateway_env(settings, port), stdout=out,
-                                stderr=subprocess.STDOUT)
+    proc = start_gateway_process(settings, log, api_port=port)
     publisher = Publisher(broker, "meter1")
     try:
-        wait_until(lambda: (r := _ready(port)) is not None and r.status_code == 200, 30,
+        wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 200, 30,
                    "the gateway to be ready")
         publisher.publish_readings([reading(1)])
         publisher.wait_all()
-        wait_until(lambda: (r := _ready(port)) is not None and r.status_code == 503, 30,
+        wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 503, 30,
                    "/readyz to say 503")
         body = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()
         assert body["ready"] is False

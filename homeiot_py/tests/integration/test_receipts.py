@@ -32,7 +32,9 @@ from tests.gateway_support import (
     RunningGateway,
     gateway_env,
     gateway_settings,
+    readiness,
     reading,
+    start_gateway_process,
     wait_until,
 )
 from tests.services import DYNSEC_ADMIN, Influxd, Mosquitto, Pki, free_port, start_mosquitto
@@ -69,13 +71,6 @@ class PublisherProcess:
 def _cli(settings_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "homeiot.cli.gateway", *args], env=settings_env,
                           capture_output=True, text=True, timeout=60, check=False)
-
-
-def _ready(port: int) -> httpx.Response | None:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-    except httpx.HTTPError:
-        return None
 
 
 def test_a_reading_influxdb_refuses_for_good_is_one_dead_letter_and_leaves_the_outbox(
@@ -221,17 +216,14 @@ def test_the_gateway_reports_a_refused_receipt_and_a_refused_subscription_in_rea
     settings = gateway_settings(broker, influx_db, tmp_path)
     port = free_port()
     log = tmp_path / "gateway.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "homeiot.cli.gateway"],
-                                env=gateway_env(settings, port), stdout=out,
-                                stderr=subprocess.STDOUT)
+    proc = start_gateway_process(settings, log, api_port=port)
     publisher = Publisher(broker, "meter1")
     try:
-        wait_until(lambda: (r := _ready(port)) is not None and r.status_code == 200, 30,
+        wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 200, 30,
                    "the gateway to be ready")
         publisher.publish_readings(reading(i) for i in range(5))
         publisher.wait_all()
-        wait_until(lambda: (r := _ready(port)) is not None and r.status_code == 503, 30,
+        wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 503, 30,
                    "/readyz to say 503")
         reasons = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()["reasons"]
         assert any("refused our receipt on homeiot/receipts/meter1: Not authorized (0x87)"
@@ -257,7 +249,7 @@ def test_the_gateway_reports_a_refused_receipt_and_a_refused_subscription_in_rea
         time.sleep(0.5)
         publisher.publish_readings([reading(10)])
         publisher.wait_all()
-        wait_until(lambda: (r := _ready(port)) is not None and r.status_code == 200, 30,
+        wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 200, 30,
                    "/readyz to recover")
         assert "the broker accepts our receipts again" in log.read_text()
     finally:
