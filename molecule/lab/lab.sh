@@ -85,7 +85,7 @@ choose_images() {
         case $mode in auto|real|standin) ;; *) echo "lab: HOMEIOT_LAB_IMAGES=auto|real|standin" >&2; exit 2;; esac
         HOMEIOT_LAB_MOSQUITTO_IMAGE=homeiot-standin/mosquitto:2.0.11
         HOMEIOT_LAB_INFLUXDB_IMAGE=homeiot-standin/influxdb:1.6.7
-        HOMEIOT_LAB_GRAFANA_IMAGE=
+        HOMEIOT_LAB_GRAFANA_IMAGE=none
         local pulled=true
         if [ "$mode" != standin ]; then
             for image in "$real_mosquitto" "$real_influxdb" "$real_grafana"; do
@@ -112,7 +112,7 @@ choose_images() {
             >"$state/images.env"
     fi
     export HOMEIOT_LAB_MOSQUITTO_IMAGE HOMEIOT_LAB_INFLUXDB_IMAGE HOMEIOT_LAB_GRAFANA_IMAGE
-    if [ -n "$HOMEIOT_LAB_GRAFANA_IMAGE" ]; then
+    if [ "$HOMEIOT_LAB_GRAFANA_IMAGE" != none ]; then
         echo "lab: images: upstream $HOMEIOT_LAB_MOSQUITTO_IMAGE, $HOMEIOT_LAB_INFLUXDB_IMAGE, $HOMEIOT_LAB_GRAFANA_IMAGE"
     else
         echo "lab: images: offline stand-ins ($HOMEIOT_LAB_MOSQUITTO_IMAGE, $HOMEIOT_LAB_INFLUXDB_IMAGE)." \
@@ -170,7 +170,7 @@ lab: up in $(elapsed) s. Generated on this machine (never in the repo):
   API          $(api_url)/docs, e.g.
                curl -H "Authorization: Bearer \$(cat .cache/$lab/secrets/api_token)" $(api_url)/api/v1/latest
 EOF
-    if [ -n "$HOMEIOT_LAB_GRAFANA_IMAGE" ]; then
+    if [ "$HOMEIOT_LAB_GRAFANA_IMAGE" != none ]; then
         echo "  Grafana      http://127.0.0.1:$HOMEIOT_LAB_GRAFANA_PORT (admin, password in .cache/$lab/secrets/grafana_admin)"
     else
         echo "  Grafana      skipped offline (no image): its provisioning is rendered on the server"
