@@ -152,11 +152,11 @@ up() {
             fi
         done
     fi
-    step create molecule create -s lab
+    # `molecule create` runs the shared prepare too (once per lab); a restarted container is
+    # prepared again (systemd booted, SSH up) before the converge.
+    step create+prepare molecule create -s lab
     if [ "$need_prepare" = true ]; then
         step prepare molecule prepare -s lab --force
-    else
-        step prepare molecule prepare -s lab
     fi
     step converge molecule converge -s lab -- "$@"
     echo "lab: converge: $(sed -nE 's/^([^ ]+) +: (ok=[0-9]+ +changed=[0-9]+).*/\1 \2/p' "$state/logs/converge.log" \
