@@ -24,11 +24,12 @@ DUCKDB_CLI_DIR := .cache/duckdb-cli-$(DUCKDB_CLI_VERSION)
 DUCKDB_CLI := $(DUCKDB_CLI_DIR)/duckdb_cli/duckdb
 PKG_SOURCES := $(shell find $(PKG)/src -type f \( -name '*.py' -o -name '*.json' -o -name 'py.typed' \) 2>/dev/null)
 
-.PHONY: lab lab-shell lab-status lab-down rotate-secret help setup setup-apt setup-venv setup-tools setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
+.PHONY: rotate-secret help setup setup-apt setup-venv setup-tools setup-docker images wheelhouse test-molecule lint lint-python lint-ansible test test-python bench bench-core bench-gateway bench-archive bench-broute drill-publisher clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
+.PHONY: lab lab-shell lab-status lab-down
 lab: export HOMEIOT_LAB_STARTED := $(shell date +%s)
 lab: setup-apt setup-venv images wheelhouse ## The home server and a Pi (simulated meter) as local containers, provisioned by site.yml; a live view
 	molecule/lab/lab.sh up $(ANSIBLE_ARGS)
