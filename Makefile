@@ -13,7 +13,8 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_PACKAGES := mosquitto mosquitto-clients influxdb docker.io debootstrap curl openssh-client
 
-MOLECULE_SCENARIOS := $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
+# Every scenario but `lab` (molecule/lab: `make lab`, a newcomer's running estate, not a test).
+MOLECULE_SCENARIOS := $(filter-out lab,$(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 
 WHEELHOUSE := .cache/wheelhouse
 # A DuckDB 1.x CLI, the one a user has: the archive's storage-compatibility test runs the seed's
@@ -27,6 +28,20 @@ PKG_SOURCES := $(shell find $(PKG)/src -type f \( -name '*.py' -o -name '*.json'
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: lab lab-shell lab-status lab-down
+lab: export HOMEIOT_LAB_STARTED := $(shell date +%s)
+lab: setup-apt setup-venv images wheelhouse ## The home server and a Pi (simulated meter) as local containers, provisioned by site.yml; a live view
+	molecule/lab/lab.sh up $(ANSIBLE_ARGS)
+
+lab-shell: ## A shell on a lab host: HOST=server or HOST=pi
+	@molecule/lab/lab.sh shell "$(HOST)"
+
+lab-status: ## The lab's containers and a snapshot of its readings
+	@molecule/lab/lab.sh status
+
+lab-down: ## Remove the lab: its containers, network, secrets and CA (by the names it chose)
+	@molecule/lab/lab.sh down
 
 setup: setup-apt setup-venv setup-tools images ## Install everything the tests need, start dockerd, build images (quick on re-run)
 
@@ -107,8 +122,10 @@ wheelhouse: $(WHEELHOUSE_STAMP) ## Wheels for the server image and the Pi (.cach
 
 lint: lint-python lint-ansible ## ruff, mypy --strict, yamllint, ansible-lint --profile production
 
+# The package, plus the lab's live view (molecule/lab/live.py) under the package's settings.
 lint-python: setup-venv
-	cd $(PKG) && ../$(BIN)/ruff check . && ../$(BIN)/mypy
+	cd $(PKG) && ../$(BIN)/ruff check . ../molecule/lab/live.py && ../$(BIN)/mypy \
+	    && ../$(BIN)/mypy ../molecule/lab/live.py
 
 lint-ansible: setup-venv
 	$(BIN)/yamllint -s .
