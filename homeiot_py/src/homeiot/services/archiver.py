@@ -201,6 +201,9 @@ def archive_days(settings: ArchiveSettings, days: list[date],
         live_counts = duckdb_store.day_counts(paths.live, paths.memory_limit)
         staged: dict[date, tuple[Path, int]] = {}
         builder = duckdb_store.NextBuilder(paths, allow_shrink=allow_shrink)
+        # Started now so that its interpreter and DuckDB load while the export runs; it opens
+        # next only once next is built and closed.
+        verifier = duckdb_store.Verifier(paths)
         build = _BuildThread()
         try:
             with InfluxClient(settings.influx) as influx:
@@ -228,10 +231,11 @@ def archive_days(settings: ArchiveSettings, days: list[date],
             _kill_point("next_built")
             files = {day: path for day, (path, _) in staged.items()}
             duckdb_store.verify_next(paths, files, live_counts,
-                                     timeout_s=settings.verify_timeout_s)
+                                     timeout_s=settings.verify_timeout_s, verifier=verifier)
             verified = time.monotonic()
             _kill_point("before_swap")
         except BaseException:
+            verifier.close()
             build.close(raise_error=False)
             builder.abort()
             for path, _ in staged.values():
