@@ -63,23 +63,28 @@ def raw_export_seconds(url: str, statement: str) -> float:
     return time.perf_counter() - started
 
 
-def timed_archive(env: dict[str, str]) -> tuple[float, float]:
-    """Seconds and peak RSS (MB, the largest of the process and its verifier) of
-    ``run_archive --date DAY`` in its own process."""
-    import psutil  # noqa: PLC0415
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc (no scan of every process, unlike psutil)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *(p for child in children for p in _tree(int(child)))]
 
+
+def timed_archive(env: dict[str, str]) -> tuple[float, float]:
+    """Seconds and peak RSS (MB, the largest VmHWM of the process and its verifier) of
+    ``run_archive --date DAY`` in its own process. VmHWM is the kernel's high-water mark, so a
+    sample every 10 ms misses only what a process adds in its last 10 ms. The process tree comes
+    from /proc/PID/task/PID/children: about 4 % of a core, where psutil's scan of every process
+    on the machine took 17 % from the run it timed."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "homeiot_batch.run_archive", "--date",
                              DAY.isoformat()], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     peak = 0.0
-    parent = psutil.Process(proc.pid)
     while proc.poll() is None:
-        try:
-            pids = [proc.pid, *(c.pid for c in parent.children(recursive=True))]
-        except psutil.Error:
-            pids = [proc.pid]
-        peak = max(peak, *(vm_hwm_mb(pid) for pid in pids))
+        peak = max(peak, *(vm_hwm_mb(pid) for pid in _tree(proc.pid)))
         time.sleep(0.01)
     seconds = time.perf_counter() - started
     output = proc.stdout.read().decode() if proc.stdout else ""

@@ -239,7 +239,10 @@ class NextBuilder:
     count than announced, or with fewer rows than it had (unless ``allow_shrink``; never to zero),
     fails the build."""
 
-    def __init__(self, paths: ArchivePaths, *, allow_shrink: bool = False) -> None:
+    def __init__(self, paths: ArchivePaths, *, allow_shrink: bool = False,
+                 open_now: bool = True) -> None:
+        """Checks that live has no WAL; copies live to next and begins the transaction unless
+        ``open_now`` is false (then :meth:`open` does, e.g. on the build thread)."""
         if ArchivePaths.wal(paths.live).exists():
             raise ArchiveError(
                 f"{ArchivePaths.wal(paths.live)} exists: something wrote to the live database. "
@@ -248,13 +251,22 @@ class NextBuilder:
         self.paths = paths
         self.allow_shrink = allow_shrink
         self._held: dict[date, int] = {}
-        self._con: duckdb.DuckDBPyConnection | None = _start_next(paths)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._closed = False
+        if open_now:
+            self.open()
+
+    def open(self) -> None:
+        """Copy live to next and begin the build's transaction."""
+        if self._con is not None or self._closed:
+            raise ArchiveError(f"{self.paths.next.name} was opened already")
+        self._con = _start_next(self.paths)
         with self._translated():
-            self._connection().execute("BEGIN TRANSACTION")
+            self._con.execute("BEGIN TRANSACTION")
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:
-            raise ArchiveError(f"{self.paths.next.name} is already closed")
+            raise ArchiveError(f"{self.paths.next.name} is not open (closed, or never opened)")
         return self._con
 
     def _translated(self) -> contextlib.AbstractContextManager[None]:
@@ -308,6 +320,7 @@ class NextBuilder:
 
     def abort(self) -> None:
         """Close without committing (the transaction is rolled back; next is left to remove)."""
+        self._closed = True
         if self._con is not None:
             self._con.close()
             self._con = None
