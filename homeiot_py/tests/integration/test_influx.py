@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import replace
@@ -180,6 +183,9 @@ def test_user_password_auth(tmp_path_factory: pytest.TempPathFactory) -> None:
         with InfluxClient(good) as influx:
             influx.write(["m v=1.5 1"])
             assert [r["v"] for r in influx.rows("SELECT v FROM m")] == [1.5]
+            # The CSV export has its own connection (http.client): the same credentials.
+            with influx.query_csv("SELECT v FROM m") as stream:
+                assert b"1.5" in stream.read()
     finally:
         server.process.stop()
 
@@ -213,3 +219,87 @@ def test_csv_stream_carries_the_same_rows_as_json(client: InfluxClient, influxd:
     with pytest.raises(InfluxQueryError, match="error parsing query"), \
             client.query_csv("SELEC x"):
         pass
+
+
+class CuttingRelay:
+    """A loopback TCP relay to a real influxd that closes a connection after relaying ``limit``
+    bytes of the answer (``limits``: per connection, in the order they are accepted; the last
+    applies to the rest): InfluxDB's answer breaking off."""
+
+    def __init__(self, target_port: int, *limits: int) -> None:
+        self.limits = list(limits)
+        self.target_port = target_port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.cut = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            limit = self.limits.pop(0) if len(self.limits) > 1 else self.limits[0]
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, limit),
+                             daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := source.recv(65536):
+                if limit is not None and sent + len(data) >= limit:
+                    sink.sendall(data[:limit - sent])
+                    self.cut += 1
+                    break
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for end in (source, sink):  # shutdown wakes the other direction's recv
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_a_csv_answer_that_breaks_off_is_an_error_not_a_short_result(
+        client: InfluxClient, influx_db: InfluxSettings) -> None:
+    """The CSV stream's connection closes mid-answer: the reader gets InfluxUnavailableError (a
+    retry), never a shorter table that would look like a complete day."""
+    import pyarrow.csv as pa_csv  # noqa: PLC0415
+
+    client.write([f"m,source=s{i % 3} v={i}.5,n={i}i {T0 + i}" for i in range(30_000)])
+    port = int(influx_db.url.rsplit(":", 1)[1])
+    relay = CuttingRelay(port, 300_000)
+    try:
+        with InfluxClient(replace(influx_db, url=f"http://127.0.0.1:{relay.port}")) as cut, \
+                pytest.raises(InfluxUnavailableError, match="during a query"), \
+                cut.query_csv("SELECT * FROM m", chunk_size=1000) as stream:
+            pa_csv.read_csv(stream)
+        assert relay.cut >= 1
+    finally:
+        relay.close()
+    with client.query_csv("SELECT * FROM m", chunk_size=1000) as stream:  # the control
+        assert pa_csv.read_csv(stream).num_rows == 30_000
+
+
+def test_a_csv_export_refused_before_its_answer_is_an_error(client: InfluxClient,
+                                                              influx_db: InfluxSettings) -> None:
+    """The database check passes (first connection), then the CSV connection closes before any
+    answer: InfluxUnavailableError naming the server."""
+    client.write([f"m v=1 {T0}"])
+    port = int(influx_db.url.rsplit(":", 1)[1])
+    relay = CuttingRelay(port, 1 << 30, 0)
+    try:
+        with InfluxClient(replace(influx_db, url=f"http://127.0.0.1:{relay.port}")) as cut, \
+                pytest.raises(InfluxUnavailableError, match="cannot reach"), \
+                cut.query_csv("SELECT * FROM m"):
+            pass
+        assert relay.cut == 1
+    finally:
+        relay.close()
