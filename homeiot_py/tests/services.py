@@ -8,6 +8,7 @@ Mosquitto or InfluxDB survives the test run. Under ``CI=true`` a missing binary 
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import hashlib
 import ipaddress
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -407,3 +409,49 @@ def start_influxd(directory: Path, *, auth_enabled: bool = False,
     server.process.start()
     server.wait_ready()
     return server
+
+
+class CuttingRelay:
+    """A loopback TCP relay to a real influxd that closes a connection after relaying ``limit``
+    bytes of the answer (``limits``: per connection, in the order they are accepted; the last
+    applies to the rest): InfluxDB's answer breaking off."""
+
+    def __init__(self, target_port: int, *limits: int) -> None:
+        self.limits = list(limits)
+        self.target_port = target_port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.cut = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            limit = self.limits.pop(0) if len(self.limits) > 1 else self.limits[0]
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, limit),
+                             daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := source.recv(65536):
+                if limit is not None and sent + len(data) >= limit:
+                    sink.sendall(data[:limit - sent])
+                    self.cut += 1
+                    break
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for end in (source, sink):  # shutdown wakes the other direction's recv
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        self._server.close()

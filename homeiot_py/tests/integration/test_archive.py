@@ -26,6 +26,7 @@ from homeiot.core.lineprotocol import encode_reading
 from homeiot.core.reading import Reading
 from homeiot.core.slots import slot_reading
 from homeiot.services.archiver import KILL_AT_ENV, KILL_POINTS, archive_days, first_influx_day
+from tests.services import CuttingRelay
 
 pytestmark = pytest.mark.integration
 
@@ -316,6 +317,35 @@ def test_failures_leave_the_live_database_as_it_was(settings: ArchiveSettings, t
     assert "home_energy.duckdb.wal exists" in result.stdout
     wal.unlink()
     assert settings.duckdb_path.read_bytes() == before
+
+
+def test_an_export_that_breaks_off_changes_nothing(settings: ArchiveSettings) -> None:
+    """InfluxDB's CSV answer is cut mid-day (a relay in front of the real influxd): the run fails
+    as unavailable (exit code 3), and the archive — Parquet and DuckDB — is as it was."""
+    from homeiot.core.errors import InfluxUnavailableError  # noqa: PLC0415
+
+    write_day(settings, DAY)
+    archive_days(settings, [DAY])
+    before = settings.duckdb_path.read_bytes()
+    partition = settings.parquet_root / "raw_meter_readings" / f"dt={DAY}" / "part-0.parquet"
+    published = partition.read_bytes()
+    write_day(settings, DAY, every_min=1)  # more readings: a re-archive would replace the day
+    port = int(settings.influx.url.rsplit(":", 1)[1])
+    relay = CuttingRelay(port, 1 << 30, 20_000)  # the database check, then the CSV: cut
+    try:
+        cut = replace(settings, influx=replace(settings.influx,
+                                               url=f"http://127.0.0.1:{relay.port}"))
+        with pytest.raises(InfluxUnavailableError, match="during a query"):
+            archive_days(cut, [DAY])
+        assert relay.cut == 1
+    finally:
+        relay.close()
+    assert settings.duckdb_path.read_bytes() == before
+    assert partition.read_bytes() == published
+    assert not list((settings.parquet_root / ".staging").iterdir())
+    assert not ArchivePaths(settings.duckdb_path).next.exists()
+    archive_days(settings, [DAY])  # the control: through the real influxd, the day grows
+    assert archive_state(settings)[DAY][0] == 24 * 60
 
 
 @pytest.mark.parametrize(("args", "message"), [

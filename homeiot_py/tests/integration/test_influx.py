@@ -20,7 +20,7 @@ from homeiot.core.errors import (
 )
 from homeiot.core.lineprotocol import encode_line, encode_reading
 from homeiot.core.reading import Reading
-from tests.services import Influxd, free_port, start_influxd
+from tests.services import CuttingRelay, Influxd, free_port, start_influxd
 
 pytestmark = pytest.mark.integration
 
@@ -181,6 +181,9 @@ def test_user_password_auth(tmp_path_factory: pytest.TempPathFactory) -> None:
         with InfluxClient(good) as influx:
             influx.write(["m v=1.5 1"])
             assert [r["v"] for r in influx.rows("SELECT v FROM m")] == [1.5]
+            # The CSV export has its own connection (http.client): the same credentials.
+            with influx.query_csv("SELECT v FROM m") as stream:
+                assert b"1.5" in stream.read()
     finally:
         server.process.stop()
 
@@ -214,3 +217,41 @@ def test_csv_stream_carries_the_same_rows_as_json(client: InfluxClient, influxd:
     with pytest.raises(InfluxQueryError, match="error parsing query"), \
             client.query_csv("SELEC x"):
         pass
+
+
+def test_a_csv_answer_that_breaks_off_is_an_error_not_a_short_result(
+        client: InfluxClient, influx_db: InfluxSettings) -> None:
+    """The CSV stream's connection closes mid-answer: the reader gets InfluxUnavailableError (a
+    retry), never a shorter table that would look like a complete day."""
+    import pyarrow.csv as pa_csv  # noqa: PLC0415
+
+    client.write([f"m,source=s{i % 3} v={i}.5,n={i}i {T0 + i}" for i in range(30_000)])
+    port = int(influx_db.url.rsplit(":", 1)[1])
+    relay = CuttingRelay(port, 300_000)
+    try:
+        with InfluxClient(replace(influx_db, url=f"http://127.0.0.1:{relay.port}")) as cut, \
+                pytest.raises(InfluxUnavailableError, match="during a query"), \
+                cut.query_csv("SELECT * FROM m", chunk_size=1000) as stream:
+            pa_csv.read_csv(stream)
+        assert relay.cut >= 1
+    finally:
+        relay.close()
+    with client.query_csv("SELECT * FROM m", chunk_size=1000) as stream:  # the control
+        assert pa_csv.read_csv(stream).num_rows == 30_000
+
+
+def test_a_csv_export_refused_before_its_answer_is_an_error(client: InfluxClient,
+                                                              influx_db: InfluxSettings) -> None:
+    """The database check passes (first connection), then the CSV connection closes before any
+    answer: InfluxUnavailableError naming the server."""
+    client.write([f"m v=1 {T0}"])
+    port = int(influx_db.url.rsplit(":", 1)[1])
+    relay = CuttingRelay(port, 1 << 30, 0)
+    try:
+        with InfluxClient(replace(influx_db, url=f"http://127.0.0.1:{relay.port}")) as cut, \
+                pytest.raises(InfluxUnavailableError, match="cannot reach"), \
+                cut.query_csv("SELECT * FROM m"):
+            pass
+        assert relay.cut == 1
+    finally:
+        relay.close()

@@ -37,6 +37,11 @@ _COLUMNS = table.COLUMN_NAMES
 #: DuckDB may otherwise take 80 % of RAM and every core; the archive shares a small home server.
 DEFAULT_MEMORY_LIMIT = "128MB"
 _THREADS = 2
+#: The build of next appends on one thread: DuckDB then writes each full row group to the file,
+#: compressed, as it is inserted (an "optimistic write"), so COMMIT and CHECKPOINT have almost
+#: nothing left to do. With two threads it keeps the rows in memory and compresses them at
+#: CHECKPOINT: measured twice the CPU, a file about 1.7 times the size, more memory.
+_BUILD_THREADS = 1
 #: Files are written in the storage format of DuckDB 1.0 (storage version 64), which every DuckDB
 #: from 0.10 through 1.5 and 2.x reads: a user's ``duckdb`` CLI 1.x can open the archive. Without
 #: it, DuckDB 2.0 writes storage version 69, which 1.x refuses ("created with a newer version").
@@ -73,11 +78,12 @@ def _translated(path: Path | None, doing: str) -> Iterator[None]:
 
 
 def connect(path: Path | None = None, *, read_only: bool = False,
-            memory_limit: str = DEFAULT_MEMORY_LIMIT) -> duckdb.DuckDBPyConnection:
+            memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = _THREADS
+            ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the archive's resource limits (in-memory when ``path`` is None);
     new files get :data:`STORAGE_COMPATIBILITY`. Errors become :class:`ArchiveError`."""
     config: dict[str, str | bool | int | float | list[str]] = {"memory_limit": memory_limit,
-                                                               "threads": _THREADS}
+                                                               "threads": threads}
     if not read_only:
         config["storage_compatibility_version"] = STORAGE_COMPATIBILITY
     with _translated(path, "opening"):
@@ -209,7 +215,7 @@ def _start_next(paths: ArchivePaths) -> duckdb.DuckDBPyConnection:
     copy_rows = paths.live.exists() and storage_version(paths.live) != STORAGE_VERSION
     if paths.live.exists() and not copy_rows:
         shutil.copyfile(paths.live, paths.next)
-    con = connect(paths.next, memory_limit=paths.memory_limit)
+    con = connect(paths.next, memory_limit=paths.memory_limit, threads=_BUILD_THREADS)
     try:
         with _translated(paths.next, "building"):
             con.execute(DDL)
@@ -233,7 +239,10 @@ class NextBuilder:
     count than announced, or with fewer rows than it had (unless ``allow_shrink``; never to zero),
     fails the build."""
 
-    def __init__(self, paths: ArchivePaths, *, allow_shrink: bool = False) -> None:
+    def __init__(self, paths: ArchivePaths, *, allow_shrink: bool = False,
+                 open_now: bool = True) -> None:
+        """Checks that live has no WAL; copies live to next and begins the transaction unless
+        ``open_now`` is false (then :meth:`open` does, e.g. on the build thread)."""
         if ArchivePaths.wal(paths.live).exists():
             raise ArchiveError(
                 f"{ArchivePaths.wal(paths.live)} exists: something wrote to the live database. "
@@ -242,13 +251,22 @@ class NextBuilder:
         self.paths = paths
         self.allow_shrink = allow_shrink
         self._held: dict[date, int] = {}
-        self._con: duckdb.DuckDBPyConnection | None = _start_next(paths)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._closed = False
+        if open_now:
+            self.open()
+
+    def open(self) -> None:
+        """Copy live to next and begin the build's transaction."""
+        if self._con is not None or self._closed:
+            raise ArchiveError(f"{self.paths.next.name} was opened already")
+        self._con = _start_next(self.paths)
         with self._translated():
-            self._connection().execute("BEGIN TRANSACTION")
+            self._con.execute("BEGIN TRANSACTION")
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:
-            raise ArchiveError(f"{self.paths.next.name} is already closed")
+            raise ArchiveError(f"{self.paths.next.name} is not open (closed, or never opened)")
         return self._con
 
     def _translated(self) -> contextlib.AbstractContextManager[None]:
@@ -264,13 +282,11 @@ class NextBuilder:
         """Insert an Arrow record batch in the archive's Parquet schema as rows of ``day``."""
         con = self._connection()
         with self._translated():
-            con.register("_homeiot_batch", batch)
-            try:
-                con.execute(f"INSERT INTO {TABLE} SELECT {', '.join(_COLUMNS)}, ?::DATE AS dt "
-                            "FROM _homeiot_batch", [day])
-            finally:
-                with contextlib.suppress(duckdb.Error):  # fails in an aborted transaction
-                    con.unregister("_homeiot_batch")
+            # A relation, not register(): a registered view dropped inside the open transaction
+            # stays in the catalog, holding its Arrow batch, until COMMIT (measured: every batch
+            # of the day kept alive).
+            con.from_arrow(batch).project(
+                f"{', '.join(_COLUMNS)}, DATE '{day.isoformat()}' AS dt").insert_into(TABLE)
 
     def add_parquet(self, day: date, path: Path) -> None:
         with self._translated():
@@ -304,6 +320,7 @@ class NextBuilder:
 
     def abort(self) -> None:
         """Close without committing (the transaction is rolled back; next is left to remove)."""
+        self._closed = True
         if self._con is not None:
             self._con.close()
             self._con = None
@@ -352,12 +369,15 @@ def check_shrink(day: date, held: int, new: int, *, allow_shrink: bool) -> None:
 
 
 def verify_next(paths: ArchivePaths, files: Mapping[date, Path],
-                live_counts: Mapping[str, int], *, timeout_s: float = 3600) -> None:
+                live_counts: Mapping[str, int], *, timeout_s: float = 3600,
+                verifier: Verifier | None = None) -> None:
     """Check next in a fresh process (read-only) against the Parquet source and the live file:
-    every column of the archived days, and the row count of every other day."""
+    every column of the archived days, and the row count of every other day. ``verifier`` is one
+    started ahead of time (:class:`Verifier`); by default one is started now."""
     days = sorted(files)
-    report, expected = _run_verifier(paths, days, timeout_s,
-                                     lambda: parquet_stats(files, paths.memory_limit))
+    with verifier or Verifier(paths) as process:
+        report, expected = process.run(days, timeout_s,
+                                       lambda: parquet_stats(files, paths.memory_limit))
     for day in days:
         key = day.isoformat()
         got, want = report["days"].get(key), expected.get(key)
@@ -379,36 +399,70 @@ def verify_next(paths: ArchivePaths, files: Mapping[date, Path],
                                f"{count} in the live database, though that day was not archived")
 
 
-def _run_verifier(paths: ArchivePaths, days: Sequence[date], timeout_s: float,
-                  meanwhile: Callable[[], T]) -> tuple[Any, T]:
-    """Run the fresh-process verifier on next; compute ``meanwhile()`` (the Parquet side) while it
-    runs, on the other core."""
-    if storage_version(paths.next) != STORAGE_VERSION:
-        raise ArchiveError(f"{paths.next.name} has storage version {storage_version(paths.next)}, "
-                           f"not {STORAGE_VERSION} ({STORAGE_COMPATIBILITY})")
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "homeiot.adapters.duckdb_store", paths.memory_limit,
-             str(paths.next), *[d.isoformat() for d in days]],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    except OSError as exc:
-        raise ArchiveError(f"cannot start the verification of {paths.next}: {exc}") from exc
-    started = time.monotonic()
-    try:
-        local = meanwhile()
-        stdout, stderr = proc.communicate(timeout=max(0.0, timeout_s
-                                                      - (time.monotonic() - started)))
-    except subprocess.TimeoutExpired as exc:
-        raise VerifyTimeoutError(
-            f"verifying {paths.next} took longer than {timeout_s:g} s (ARCHIVE_VERIFY_TIMEOUT_S); "
-            "the live database is unchanged") from exc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    if proc.returncode != 0:
-        raise ArchiveError(f"verifying {paths.next.name} failed: {stderr.strip()[-500:]}")
-    return json.loads(stdout), local
+class Verifier:
+    """The fresh process that verifies next (``python -m homeiot.adapters.duckdb_store``).
+
+    It can be started before next is built: the interpreter and DuckDB load meanwhile (on the
+    other core, while the export runs), then it waits for :meth:`run` to send the days on its
+    stdin, and only then opens next — closed and fsynced by then, by another process. It shares
+    nothing with the connection that built the file. If the archiver dies, the verifier reads
+    end-of-file and exits without opening anything."""
+
+    def __init__(self, paths: ArchivePaths) -> None:
+        self.paths = paths
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "homeiot.adapters.duckdb_store", paths.memory_limit,
+                 str(paths.next)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as exc:
+            raise ArchiveError(f"cannot start the verification of {paths.next}: {exc}") from exc
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, days: Sequence[date], timeout_s: float, meanwhile: Callable[[], T]
+            ) -> tuple[Any, T]:
+        """Verify ``days`` of next; compute ``meanwhile()`` (the Parquet side) while the verifier
+        runs, on the other core. Returns the verifier's report and ``meanwhile()``."""
+        paths = self.paths
+        if storage_version(paths.next) != STORAGE_VERSION:
+            raise ArchiveError(f"{paths.next.name} has storage version "
+                               f"{storage_version(paths.next)}, not {STORAGE_VERSION} "
+                               f"({STORAGE_COMPATIBILITY})")
+        proc = self._proc
+        started = time.monotonic()
+        try:
+            if proc.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):  # it died: its stderr says why
+                    proc.stdin.write(" ".join(d.isoformat() for d in days) + "\n")
+                    proc.stdin.flush()
+            local = meanwhile()
+            stdout, stderr = proc.communicate(timeout=max(0.0, timeout_s
+                                                          - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired as exc:
+            raise VerifyTimeoutError(
+                f"verifying {paths.next} took longer than {timeout_s:g} s "
+                "(ARCHIVE_VERIFY_TIMEOUT_S); the live database is unchanged") from exc
+        finally:
+            self.close()
+        if proc.returncode != 0:
+            raise ArchiveError(f"verifying {paths.next.name} failed: {stderr.strip()[-500:]}")
+        try:
+            return json.loads(stdout), local
+        except ValueError as exc:
+            raise ArchiveError(f"verifying {paths.next.name}: unreadable report {stdout[:200]!r}"
+                               ) from exc
+
+    def close(self) -> None:
+        """Stop the verifier if it still runs (a failed or abandoned run)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        with contextlib.suppress(ValueError, OSError):
+            self._proc.communicate()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -437,9 +491,14 @@ def swap(paths: ArchivePaths) -> None:
 
 
 def _verify_main(argv: Sequence[str]) -> int:
-    """``python -m homeiot.adapters.duckdb_store MEMORY_LIMIT FILE DAY...``: print the aggregates
-    as JSON."""
-    memory_limit, path, days = argv[0], Path(argv[1]), [date.fromisoformat(d) for d in argv[2:]]
+    """``python -m homeiot.adapters.duckdb_store MEMORY_LIMIT FILE``, then one line on stdin with
+    the days (ISO, space-separated): print the aggregates as JSON. End-of-file instead of the
+    line (the archiver gave up) exits at once without opening the file."""
+    memory_limit, path = argv[0], Path(argv[1])
+    line = sys.stdin.readline()
+    if not line.endswith("\n"):
+        return 0
+    days = [date.fromisoformat(d) for d in line.split()]
     try:
         con = connect(path, read_only=True, memory_limit=memory_limit)
         try:

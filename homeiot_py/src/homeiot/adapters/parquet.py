@@ -59,9 +59,12 @@ def from_csv_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
     for column, schema_field in zip(table.COLUMNS, SCHEMA, strict=True):
         if column.influx in names:
             array = batch.column(names.index(column.influx))
-            if pa.types.is_timestamp(schema_field.type):
-                array = array.cast(pa.int64()).cast(schema_field.type)
-            arrays.append(array.cast(schema_field.type))
+            if array.type != schema_field.type:
+                # Epoch milliseconds (int64) are a timestamp[ms] already: a view, not a copy.
+                array = (array.view(schema_field.type)
+                         if pa.types.is_timestamp(schema_field.type) and array.type == pa.int64()
+                         else array.cast(schema_field.type))
+            arrays.append(array)
         else:
             arrays.append(pa.nulls(batch.num_rows, schema_field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)

@@ -184,7 +184,10 @@ def _bad(message: str) -> HTTPException:
 def _aware(name: str, value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise _bad(f"{name} must include a time zone, e.g. 2025-12-16T15:00:00Z")
-    value = value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+00:01 is before year 1 in UTC
+        raise _bad(f"{name} must be between 2000 and 2199") from None
     if not MIN_TS <= value < MAX_TS:
         raise _bad(f"{name} must be between 2000 and 2199")
     return value
