@@ -19,8 +19,9 @@ repo=$(pwd)
 export PATH="$repo/.venv/bin:$PATH"
 
 lab=${HOMEIOT_LAB_NAME:-homeiot-lab}
-if ! [[ $lab =~ ^[a-z0-9][a-z0-9_.-]{0,39}$ ]] || [[ $lab == homeiot-molecule* ]]; then
-    echo "lab: HOMEIOT_LAB_NAME=$lab is not a lab name (a-z 0-9 _ . -, not homeiot-molecule*)" >&2
+# The name must contain "lab": its state lives in .cache/<name>, beside .cache/facts, images, …
+if ! [[ $lab =~ ^[a-z0-9][a-z0-9_.-]{0,39}$ ]] || [[ $lab == homeiot-molecule* ]] || [[ $lab != *lab* ]]; then
+    echo "lab: HOMEIOT_LAB_NAME=$lab is not a lab name (a-z 0-9 _ . -, containing 'lab', not homeiot-molecule*)" >&2
     exit 2
 fi
 state=$repo/.cache/$lab
@@ -167,8 +168,8 @@ up() {
 lab: up in $(elapsed) s. Generated on this machine (never in the repo):
   secrets      .cache/$lab/secrets/   (api_token, grafana_admin, influxdb_*, gateway, meter1, ca_passphrase)
   CA           .cache/$lab/pki/ca.crt (its key: .cache/$lab/pki/ca.key, encrypted with secrets/ca_passphrase)
-  API          $(api_url)/docs, e.g.
-               curl -H "Authorization: Bearer \$(cat .cache/$lab/secrets/api_token)" $(api_url)/api/v1/latest
+  API          $(api_url) (bearer token; the description: /openapi.json), e.g.
+               curl -H @<(printf 'Authorization: Bearer %s\\n' "\$(cat .cache/$lab/secrets/api_token)") $(api_url)/api/v1/latest
 EOF
     if [ "$HOMEIOT_LAB_GRAFANA_IMAGE" != none ]; then
         echo "  Grafana      http://127.0.0.1:$HOMEIOT_LAB_GRAFANA_PORT (admin, password in .cache/$lab/secrets/grafana_admin)"

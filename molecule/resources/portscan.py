@@ -8,9 +8,10 @@ open when a TCP handshake completes; filtered (dropped) and refused ports are bo
 
 Non-blocking sockets and epoll, a batch at a time: every connect of a batch is issued first, then
 the batch gets ``--wait`` seconds *after its last connect* to complete — long enough for the
-kernel's first SYN retransmission (1 s). An earlier asyncio version started each probe's timeout
-when the probe was scheduled: on a loaded two-core machine the event loop took longer than the
-timeout to get through thousands of tasks, and open ports (SSH) were reported closed.
+kernel's first two SYN retransmissions (1 s and 3 s). An earlier asyncio version started each
+probe's timeout when the probe was scheduled: on a loaded two-core machine the event loop took
+longer than the timeout to get through thousands of tasks, and open ports (SSH) were reported
+closed.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def _scan_batch(address: str, ports: range, wait: float) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("host")
-    parser.add_argument("--wait", type=float, default=2.5,
-                        help="seconds a batch gets after its last connect (default 2.5)")
+    parser.add_argument("--wait", type=float, default=3.5,
+                        help="seconds a batch gets after its last connect (default 3.5: the "
+                             "kernel's first two SYN retransmissions, at 1 s and 3 s)")
     # As many sockets at once as the open-file limit allows (at most 16384: four batches).
     soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     parser.add_argument("--batch", type=int, default=max(256, min(16384, soft_limit - 64)))

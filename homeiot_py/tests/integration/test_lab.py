@@ -141,7 +141,7 @@ def test_lab_down_leaves_a_container_the_lab_did_not_make(
     assert _running(server)
 
 
-@pytest.mark.parametrize("name", ["homeiot-molecule-site", "../etc", "Homeiot-Lab", "a b"])
+@pytest.mark.parametrize("name", ["homeiot-molecule-site", "../etc", "Homeiot-Lab", "a b", "facts", "images"])
 def test_lab_down_refuses_a_name_that_is_not_a_lab(name: str) -> None:
     # (Never the empty name: that is the default lab, a user's.)
     result = _lab_down(name)

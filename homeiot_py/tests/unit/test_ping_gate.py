@@ -79,3 +79,35 @@ def test_an_unexpected_ping_error_is_not_swallowed() -> None:
 
     with pytest.raises(ValueError, match="a bug"):  # surfaces (a 500), never reads as "not ready"
         PingGate(broken).ok()
+
+
+def test_while_a_ping_hangs_other_callers_get_the_last_answer_at_once() -> None:
+    clock = _Clock()
+    release = threading.Event()
+    in_ping = threading.Event()
+    calls: list[float] = []
+
+    def ping() -> None:
+        calls.append(clock.now)
+        if len(calls) == 2:  # the second ping hangs (InfluxDB slow) until released
+            in_ping.set()
+            release.wait(10)
+
+    gate = PingGate(ping, interval_s=5.0, monotonic=clock)
+    assert gate.ok() is True
+    clock.now += 6.0
+    slow = threading.Thread(target=gate.ok)
+    slow.start()
+    assert in_ping.wait(5)
+    answers: list[bool] = []
+    asker = threading.Thread(target=lambda: answers.extend(gate.ok() for _ in range(10)))
+    asker.start()
+    asker.join(5)
+    # Answered while the ping still hangs (a caller queueing behind it would still be waiting).
+    assert not asker.is_alive()
+    assert not release.is_set()
+    assert answers == [True] * 10
+    assert len(calls) == 2
+    release.set()
+    slow.join(5)
+    assert not slow.is_alive()

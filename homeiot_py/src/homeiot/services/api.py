@@ -66,8 +66,12 @@ class PingGate:
         self.pings = 0
 
     def ok(self) -> bool:
-        """Whether InfluxDB answered its ping, at most ``interval_s`` ago."""
-        with self._lock:
+        """Whether InfluxDB answered its ping, at most ``interval_s`` ago. While a ping is under
+        way, callers get the previous answer at once instead of queueing behind it (a slow
+        InfluxDB must not tie up the API's threads); only before the first answer do they wait."""
+        if not self._lock.acquire(blocking=self._checked_at is None):
+            return self._ok
+        try:
             now = self._monotonic()
             if self._checked_at is None or now - self._checked_at >= self._interval_s:
                 self.pings += 1
@@ -78,6 +82,8 @@ class PingGate:
                     self._ok = False
                 self._checked_at = self._monotonic()
             return self._ok
+        finally:
+            self._lock.release()
 
 
 @dataclass(frozen=True)
