@@ -165,7 +165,7 @@ rotate-secret: setup-venv ## Rotate a machine-made secret: SECRET=<file under in
 	@test -n "$(SECRET)" || { echo "usage: make rotate-secret SECRET=<name>; one of: $$(ls $(INVENTORY)/secrets 2>/dev/null | grep -v '\.previous$$' | tr '\n' ' ')" >&2; exit 2; }
 	@case "$(SECRET)" in */*|.*) echo "SECRET is a file name under $(INVENTORY)/secrets" >&2; exit 2;; esac
 	@test -f "$(INVENTORY)/secrets/$(SECRET)" || { echo "no machine-made secret '$(SECRET)' in $(INVENTORY)/secrets" >&2; exit 2; }
-	@case "$(SECRET)" in influxdb-*) echo "$(SECRET): InfluxDB applies its passwords and token at first start only; a new value would lock the gateway out. Rotate it inside InfluxDB first: roles/influxdb/README.md, 'Credentials apply at first start only'" >&2; exit 2;; esac
+	@case "$(SECRET)" in influxdb-admin-token|grafana-admin) echo "$(SECRET): its service keeps the value it was given at first start (InfluxDB 2.x makes token values itself; Grafana stores its admin password), so a new value here would not be applied. Rotate it inside the service: roles/influxdb/README.md or roles/grafana/README.md" >&2; exit 2;; esac
 	mv "$(INVENTORY)/secrets/$(SECRET)" "$(INVENTORY)/secrets/$(SECRET).previous"
 	$(BIN)/ansible-playbook -i $(INVENTORY)/hosts.yml site.yml $(ANSIBLE_ARGS) || { \
 	    echo "site.yml failed: the new $(SECRET) may be deployed on some hosts only; fix the cause and re-run" \
