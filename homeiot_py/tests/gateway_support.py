@@ -68,9 +68,11 @@ def start_gateway_process(settings: GatewaySettings, log: Path,
 
 
 def readiness(port: int) -> httpx.Response | None:
-    """The gateway's /readyz answer on ``port``, or None while nothing answers."""
+    """The gateway's /readyz answer on ``port`` (asked with the API token, so it names its
+    reasons), or None while nothing answers."""
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2,
+                         headers={"Authorization": f"Bearer {API_TOKEN}"})
     except httpx.HTTPError:
         return None
 

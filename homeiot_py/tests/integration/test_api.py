@@ -98,6 +98,34 @@ def test_readyz_pings_influxdb_at_most_once_per_interval(client: TestClient,
     assert gate.pings == 1  # fifty unauthenticated requests, one ping of the real influxd
 
 
+def test_readyz_names_its_reasons_to_a_token_holder_only(influx_db: InfluxSettings,
+                                                         tmp_path: Path) -> None:
+    """The reasons name sources, topics and hosts; /readyz is on the internet (the tunnel)."""
+    reason = "the broker refused our receipt on homeiot/receipts/meter1: Not authorized (0x87)"
+    influx = InfluxClient(influx_db)
+    store = DeadLetterStore(tmp_path / "dead.sqlite")
+    try:
+        app = create_app(ApiContext(
+            influx=influx, dead_letters=store, registry=CollectorRegistry(), tokens=(API_TOKEN,),
+            measurement="meter_readings", timezone=TOKYO, source_default="meter1",
+            mqtt_connected=lambda: True, clock=lambda: NOW, problems=lambda: [reason]))
+        with TestClient(app, raise_server_exceptions=False) as client:
+            for headers in ({}, {"Authorization": "Bearer wrong-token"},
+                            {"Authorization": f"Basic {API_TOKEN}"}):
+                answer = client.get("/readyz", headers=headers)
+                assert answer.status_code == 503, headers
+                assert answer.json()["reasons"] == [
+                    "not ready; the reasons are shown with a bearer token from API_TOKENS"]
+                assert "meter1" not in answer.text
+                assert "receipts" not in answer.text
+            answer = client.get("/readyz", headers=AUTH)
+            assert answer.status_code == 503
+            assert answer.json()["reasons"] == [reason]
+    finally:
+        store.close()
+        influx.close()
+
+
 def test_health_needs_no_auth_and_says_nothing(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"ready": True, "mqtt": True, "influxdb": True,

@@ -7,7 +7,6 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from homeiot.config import InfluxSettings
@@ -85,7 +84,9 @@ def test_readyz_says_why_while_influxdb_refuses(
         publisher.wait_all()
         wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 503, 30,
                    "/readyz to say 503")
-        body = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()
+        answer = readiness(port)
+        assert answer is not None
+        body = answer.json()
         assert body["ready"] is False
         assert body["influxdb"] is True  # it answers its ping; it refuses to store
         assert any("404" in reason and "database not found" in reason

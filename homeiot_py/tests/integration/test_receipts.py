@@ -15,7 +15,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 
 from homeiot.adapters import mqtt as mqtt_adapter
@@ -225,7 +224,9 @@ def test_the_gateway_reports_a_refused_receipt_and_a_refused_subscription_in_rea
         publisher.wait_all()
         wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 503, 30,
                    "/readyz to say 503")
-        reasons = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()["reasons"]
+        answer = readiness(port)
+        assert answer is not None
+        reasons = answer.json()["reasons"]
         assert any("refused our receipt on homeiot/receipts/meter1: Not authorized (0x87)"
                    in reason for reason in reasons), reasons
         meter2 = Publisher(broker, "meter2")

@@ -212,16 +212,22 @@ Ctx = Annotated[ApiContext, Depends(_context)]
 _bearer = HTTPBearer(auto_error=False, description="A token from API_TOKENS")
 
 
-def require_token(
-    ctx: Ctx, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    """401 unless the request carries one of the configured bearer tokens."""
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _token_ok(ctx: ApiContext, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """Whether the request carries one of the configured bearer tokens."""
     offered = credentials.credentials.encode() if credentials is not None else b""
     # Compare with every token, always, so timing says nothing about which or how much matched.
     matched = False
     for token in ctx.tokens:
         matched |= hmac.compare_digest(offered, token.encode())
-    if credentials is None or not matched:
+    return credentials is not None and matched
+
+
+def require_token(ctx: Ctx, credentials: Bearer) -> None:
+    """401 unless the request carries one of the configured bearer tokens."""
+    if not _token_ok(ctx, credentials):
         raise HTTPException(status_code=401, detail="missing or invalid bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -229,6 +235,7 @@ def require_token(
 SourceParam = Annotated[str | None, Query(pattern=f"^{_SOURCE_REGEX}$",
                                           description="Meter source (default: SOURCE_DEFAULT)")]
 health = APIRouter(tags=["health"])
+_REASONS_HIDDEN = "not ready; the reasons are shown with a bearer token from API_TOKENS"
 api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
 
 
@@ -250,15 +257,18 @@ def healthz() -> Health:
 
 
 @health.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-def readyz(ctx: Ctx) -> JSONResponse:
+def readyz(ctx: Ctx, credentials: Bearer) -> JSONResponse:
     """Readiness: connected to the broker, InfluxDB answers and stores, the writer is alive and
-    making progress. A 503 says why in ``reasons``. InfluxDB's answer may be up to
-    ``READINESS_PING_INTERVAL_S`` old."""
+    making progress. A 503 says why in ``reasons`` — to a caller with a bearer token only: the
+    reasons name sources, topics and hosts, and this endpoint is on the internet through the
+    tunnel. InfluxDB's answer may be up to ``READINESS_PING_INTERVAL_S`` old."""
     influx_ok = ctx.influx_ping.ok()
     mqtt_ok = ctx.mqtt_connected()
     reasons = ctx.problems()
     if not influx_ok:
         reasons = ["InfluxDB does not answer its ping", *reasons]
+    if reasons and not _token_ok(ctx, credentials):
+        reasons = [_REASONS_HIDDEN]
     body = Readiness(ready=influx_ok and mqtt_ok and not reasons, mqtt=mqtt_ok,
                      influxdb=influx_ok, reasons=reasons)
     return JSONResponse(status_code=200 if body.ready else 503, content=body.model_dump())
