@@ -6,6 +6,7 @@
 #   make lab-shell HOST=server  molecule/lab/lab.sh shell server|pi
 #   make lab-status             molecule/lab/lab.sh status
 #   make lab-down               molecule/lab/lab.sh down
+#   (no make target)            molecule/lab/lab.sh images: only choose the service images
 #
 # The Molecule scenario molecule/lab (shared create/prepare with every scenario) makes two
 # containers and one network named after the lab (HOMEIOT_LAB_NAME, default homeiot-lab:
@@ -33,9 +34,10 @@ export HOMEIOT_LAB_API_PORT=${HOMEIOT_LAB_API_PORT:-18000}
 export HOMEIOT_LAB_GRAFANA_PORT=${HOMEIOT_LAB_GRAFANA_PORT:-13000}
 export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 NO_COLOR=1 PY_COLORS=0
 # The upstream images site.yml runs in production (the roles' pinned defaults, InfluxDB 1.x).
-real_mosquitto=eclipse-mosquitto:2.0.22
-real_influxdb=influxdb:1.11.8
-real_grafana=grafana/grafana-oss:12.2.1
+# HOMEIOT_LAB_UPSTREAM_* name others (the tests: images that cannot be pulled, or are present).
+real_mosquitto=${HOMEIOT_LAB_UPSTREAM_MOSQUITTO:-eclipse-mosquitto:2.0.22}
+real_influxdb=${HOMEIOT_LAB_UPSTREAM_INFLUXDB:-influxdb:1.11.8}
+real_grafana=${HOMEIOT_LAB_UPSTREAM_GRAFANA:-grafana/grafana-oss:12.2.1}
 
 started=${HOMEIOT_LAB_STARTED:-$(date +%s)}
 elapsed() { echo $(( $(date +%s) - started )); }
@@ -82,6 +84,7 @@ choose_images() {
     if [ -f "$state/images.env" ]; then
         # shellcheck source=/dev/null
         . "$state/images.env"
+        echo "lab: images: kept from this lab's first run (.cache/$lab/images.env; make lab-down to choose again)"
     else
         case $mode in auto|real|standin) ;; *) echo "lab: HOMEIOT_LAB_IMAGES=auto|real|standin" >&2; exit 2;; esac
         HOMEIOT_LAB_MOSQUITTO_IMAGE=homeiot-standin/mosquitto:2.0.11
@@ -90,7 +93,10 @@ choose_images() {
         local pulled=true
         if [ "$mode" != standin ]; then
             for image in "$real_mosquitto" "$real_influxdb" "$real_grafana"; do
-                docker image inspect "$image" >/dev/null 2>&1 && continue
+                if docker image inspect "$image" >/dev/null 2>&1; then
+                    echo "lab: upstream image $image: already on this machine"
+                    continue
+                fi
                 echo "lab: pulling $image …"
                 if ! timeout 900 docker pull --quiet "$image" >"$state/pull.log" 2>&1; then
                     echo "lab: cannot pull $image ($(tail -1 "$state/pull.log" | cut -c1-100))"
@@ -114,7 +120,8 @@ choose_images() {
     fi
     export HOMEIOT_LAB_MOSQUITTO_IMAGE HOMEIOT_LAB_INFLUXDB_IMAGE HOMEIOT_LAB_GRAFANA_IMAGE
     if [ "$HOMEIOT_LAB_GRAFANA_IMAGE" != none ]; then
-        echo "lab: images: upstream $HOMEIOT_LAB_MOSQUITTO_IMAGE, $HOMEIOT_LAB_INFLUXDB_IMAGE, $HOMEIOT_LAB_GRAFANA_IMAGE"
+        echo "lab: images: upstream $HOMEIOT_LAB_MOSQUITTO_IMAGE, $HOMEIOT_LAB_INFLUXDB_IMAGE, $HOMEIOT_LAB_GRAFANA_IMAGE." \
+             "Skipped: the tunnel (a lab has no token: its configuration is rendered, not started)."
     else
         echo "lab: images: offline stand-ins ($HOMEIOT_LAB_MOSQUITTO_IMAGE, $HOMEIOT_LAB_INFLUXDB_IMAGE)." \
              "Skipped: Grafana (no stand-in: its provisioning is rendered, not started) and the tunnel."
@@ -238,12 +245,19 @@ down() {
     fi
 }
 
+# Only the choice of service images (what `up` does first): the tests play it offline.
+images() {
+    mkdir -p "$state"
+    choose_images
+}
+
 command=${1:-}
 shift || true
 case $command in
     up) up "$@" ;;
+    images) images ;;
     shell) shell "$@" ;;
     status) status ;;
     down) down ;;
-    *) echo "usage: lab.sh up|shell HOST|status|down" >&2; exit 2 ;;
+    *) echo "usage: lab.sh up|shell HOST|status|down|images" >&2; exit 2 ;;
 esac

@@ -147,3 +147,106 @@ def test_lab_down_refuses_a_name_that_is_not_a_lab(name: str) -> None:
     result = _lab_down(name)
     assert result.returncode == 2
     assert "is not a lab name" in result.stderr
+
+
+# --- Which service images a lab runs (molecule/lab/lab.sh images: the first thing `up` does) ---
+# Played offline with names that cannot be pulled anywhere (.invalid never resolves, RFC 6761)
+# or that are present here; nothing is started. What the upstream images do once running is not
+# tested here: that needs a machine that can pull them.
+UNPULLABLE = "registry.invalid/homeiot-test/mosquitto:0"
+
+
+def _lab_images(lab: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HOMEIOT_LAB_")}
+    environ.update(HOMEIOT_LAB_NAME=lab, **env)
+    return subprocess.run([str(REPO / "molecule" / "lab" / "lab.sh"), "images"], cwd=REPO, env=environ,
+                          capture_output=True, text=True, check=False, timeout=300)
+
+
+def _images_env(state: Path) -> dict[str, str]:
+    lines = (state / "images.env").read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_lab_images_real_stops_when_the_upstream_images_cannot_be_pulled(
+    lab: tuple[str, list[str], list[str], list[Path]],
+) -> None:
+    name, _, _, dirs = lab
+    state = REPO / ".cache" / name
+    dirs.append(state)
+
+    result = _lab_images(name, HOMEIOT_LAB_IMAGES="real", HOMEIOT_LAB_UPSTREAM_MOSQUITTO=UNPULLABLE)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot pull {UNPULLABLE}" in result.stdout
+    assert "HOMEIOT_LAB_IMAGES=real but the upstream images cannot be pulled" in result.stderr
+    # No choice is kept: the next run tries again.
+    assert not (state / "images.env").exists()
+
+
+def test_lab_images_auto_falls_back_to_the_standins_and_says_what_it_skipped(
+    lab: tuple[str, list[str], list[str], list[Path]],
+) -> None:
+    name, _, _, dirs = lab
+    state = REPO / ".cache" / name
+    dirs.append(state)
+
+    first = _lab_images(name, HOMEIOT_LAB_UPSTREAM_MOSQUITTO=UNPULLABLE)
+    again = _lab_images(name, HOMEIOT_LAB_UPSTREAM_MOSQUITTO=UNPULLABLE)
+
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"cannot pull {UNPULLABLE}" in first.stdout
+    standins = "offline stand-ins (homeiot-standin/mosquitto:2.0.11, homeiot-standin/influxdb:1.6.7)"
+    assert standins in first.stdout
+    assert "Skipped: Grafana" in first.stdout
+    assert "the tunnel" in first.stdout
+    assert _images_env(state) == {"HOMEIOT_LAB_MOSQUITTO_IMAGE": "homeiot-standin/mosquitto:2.0.11",
+                                  "HOMEIOT_LAB_INFLUXDB_IMAGE": "homeiot-standin/influxdb:1.6.7",
+                                  "HOMEIOT_LAB_GRAFANA_IMAGE": "none"}
+    # The choice is kept until lab-down: the second run neither pulls nor chooses otherwise.
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "pulling" not in again.stdout
+    assert "kept from this lab's first run" in again.stdout
+    assert "offline stand-ins" in again.stdout
+
+
+def test_lab_images_auto_takes_upstream_images_already_here_and_skips_only_the_tunnel(
+    lab: tuple[str, list[str], list[str], list[Path]],
+) -> None:
+    name, _, _, dirs = lab
+    state = REPO / ".cache" / name
+    dirs.append(state)
+    # Stand-ins for "upstream images this machine has": present, so nothing is pulled.
+    present = {"HOMEIOT_LAB_UPSTREAM_MOSQUITTO": IMAGE, "HOMEIOT_LAB_UPSTREAM_INFLUXDB": IMAGE,
+               "HOMEIOT_LAB_UPSTREAM_GRAFANA": IMAGE}
+
+    result = _lab_images(name, **present)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pulling" not in result.stdout
+    assert f"upstream image {IMAGE}: already on this machine" in result.stdout
+    assert f"images: upstream {IMAGE}, {IMAGE}, {IMAGE}. Skipped: the tunnel" in result.stdout
+    assert "Grafana" not in result.stdout.split("images: upstream", 1)[1]
+    assert _images_env(state)["HOMEIOT_LAB_GRAFANA_IMAGE"] == IMAGE
+
+
+def test_lab_images_standin_never_pulls(lab: tuple[str, list[str], list[str], list[Path]]) -> None:
+    name, _, _, dirs = lab
+    dirs.append(REPO / ".cache" / name)
+
+    result = _lab_images(name, HOMEIOT_LAB_IMAGES="standin", HOMEIOT_LAB_UPSTREAM_MOSQUITTO=UNPULLABLE)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pulling" not in result.stdout
+    assert "cannot pull" not in result.stdout
+    assert "offline stand-ins" in result.stdout
+
+
+def test_lab_images_refuses_an_unknown_mode(lab: tuple[str, list[str], list[str], list[Path]]) -> None:
+    name, _, _, dirs = lab
+    dirs.append(REPO / ".cache" / name)
+
+    result = _lab_images(name, HOMEIOT_LAB_IMAGES="upstream")
+
+    assert result.returncode == 2
+    assert "HOMEIOT_LAB_IMAGES=auto|real|standin" in result.stderr
