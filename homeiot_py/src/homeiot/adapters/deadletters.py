@@ -3,10 +3,21 @@
 Each letter keeps the raw payload, its topic, the reason and when it arrived. Letters are written
 (and synced) before the MQTT message is acknowledged, so an invalid payload is never lost, only
 set aside; once the cause is fixed, ``homeiot-gateway replay-dead-letters`` feeds them back.
+
+A letter is stored once per message: the same payload on the same topic again (a publisher's
+resend racing the receipt that names the first copy) adds nothing. The identity is the message
+itself (topic and the SHA-256 of the payload), not its ``(source, seq)``: a different reading
+that happens to carry a seq already set aside (a replaced Pi numbers from 0 again) is kept too.
+
+Schema versions (``PRAGMA user_version``): 0, the first, had no identity; 1 adds ``digest`` and a
+unique index on ``(topic, digest)``. Opening a store of version 0 migrates it in place, in one
+transaction: it computes the digests and keeps the oldest of any identical letters.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -15,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from homeiot.core.errors import ConfigError, StorageError
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -25,6 +38,20 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     error       TEXT    NOT NULL
 )
 """
+
+SCHEMA_VERSION = 1
+#: Statements that take a store from version ``i`` to ``i + 1`` (``sha256`` is ours, see below).
+_MIGRATIONS = (
+    """ALTER TABLE dead_letters ADD COLUMN digest BLOB;
+    UPDATE dead_letters SET digest = sha256(payload);
+    DELETE FROM dead_letters WHERE id NOT IN (SELECT min(id) FROM dead_letters
+                                              GROUP BY topic, digest);
+    CREATE UNIQUE INDEX dead_letters_identity ON dead_letters (topic, digest)""",
+)
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,29 +82,55 @@ class DeadLetterStore:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._db.create_function("sha256", 1, _digest, deterministic=True)
             self._db.execute(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError("GATEWAY_DEAD_LETTER_DB",
                               f"cannot open the dead-letter store {str(path)!r}: {exc}") from exc
         self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"its schema version {version} is newer than this "
+                                        f"gateway's ({SCHEMA_VERSION}); upgrade the gateway")
+        if version == SCHEMA_VERSION:
+            return
+        logger.info("dead letters: migrating %s from schema version %d to %d", self.path,
+                    version, SCHEMA_VERSION)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in _MIGRATIONS[version:]:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def add(self, letters: Iterable[DeadLetter]) -> int:
-        """Store letters in one transaction; returns how many."""
-        rows = [(lt.received_at.astimezone(UTC).isoformat(), lt.topic, lt.payload, lt.error)
-                for lt in letters]
+        """Store letters in one transaction; returns how many were new (a letter already held,
+        the same payload on the same topic, is left as it is)."""
+        rows = [(lt.received_at.astimezone(UTC).isoformat(), lt.topic, lt.payload, lt.error,
+                 _digest(lt.payload)) for lt in letters]
         if not rows:
             return 0
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
+                    before = self._db.total_changes
                     self._db.executemany(
-                        "INSERT INTO dead_letters (received_at, topic, payload, error) "
-                        "VALUES (?,?,?,?)", rows)
+                        "INSERT INTO dead_letters (received_at, topic, payload, error, digest) "
+                        "VALUES (?,?,?,?,?) ON CONFLICT (topic, digest) DO NOTHING", rows)
+                    added = self._db.total_changes - before
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:
@@ -86,7 +139,7 @@ class DeadLetterStore:
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot store {len(rows)} dead letter(s) in "
                                    f"{str(self.path)!r}: {exc}") from exc
-        return len(rows)
+        return added
 
     def count(self) -> int:
         try:

@@ -3,8 +3,11 @@
 Messages arrive on paho's network thread, are decoded at once (``core``) and fed to the delivery
 state machine (:mod:`homeiot.core.batching`), which batches them and decides what to write, what
 to set aside and what to acknowledge. A writer thread carries out its actions: it writes each batch
-to InfluxDB and only then acknowledges its messages, in arrival order (MQTT v5, ``manual_ack``),
-and never on a connection other than the one that delivered them. The session is persistent (fixed client id,
+to InfluxDB and only then queues its messages' acknowledgements, in arrival order (MQTT v5,
+``manual_ack``). paho's thread sends them before it handles the next message (as a bare paho
+consumer does: the writer does not compete with it for the GIL once per PUBACK), the writer only
+when no message came for ``_ACK_HANDOVER_S``; never on a connection other than the one that
+delivered them. The session is persistent (fixed client id,
 ``clean_start=False``, a session expiry), so what is published while the gateway is down waits in
 the broker. ``Receive Maximum`` caps the unacknowledged messages the broker sends us, which bounds
 memory while InfluxDB is down: the backlog stays in the broker.
