@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -72,11 +73,31 @@ class StoredDeadLetter:
     letter: DeadLetter
 
 
+def _read_only(path: Path) -> bool:
+    """Whether ``path`` (or its nearest existing parent) is on a file system mounted read-only."""
+    for candidate in (path, *path.parents):
+        try:
+            return bool(os.statvfs(candidate).f_flag & os.ST_RDONLY)
+        except OSError:
+            continue
+    return False
+
+
 class DeadLetterStore:
-    """A small thread-safe SQLite store (WAL, synchronous=FULL: durable before we acknowledge)."""
+    """A small thread-safe SQLite store (WAL, synchronous=FULL: durable before we acknowledge).
+
+    On a read-only file system (a disk remounted read-only after errors, say) the store opens
+    *unavailable*: :attr:`problem` says why and every operation raises :class:`StorageError`, so
+    the gateway keeps storing valid readings, reports the problem (``/readyz``), and stops
+    (exit 1) rather than acknowledge a message it cannot set aside. Any other failure to open it
+    is a configuration error.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.problem: str | None = None
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -84,36 +105,51 @@ class DeadLetterStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.create_function("sha256", 1, _digest, deterministic=True)
             self._db.execute(_SCHEMA)
-            self._migrate()
+            self._migrate(self._db)
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError("GATEWAY_DEAD_LETTER_DB",
-                              f"cannot open the dead-letter store {str(path)!r}: {exc}") from exc
-        self._lock = threading.Lock()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if not _read_only(path.parent):
+                raise ConfigError("GATEWAY_DEAD_LETTER_DB", f"cannot open the dead-letter "
+                                  f"store {str(path)!r}: {exc}") from exc
+            self.problem = (f"the dead-letter store {str(path)!r} is on a read-only file system "
+                            f"({exc}): a message that must be set aside cannot be, so it is not "
+                            "acknowledged (the gateway stops when one comes); make the disk "
+                            "writable and restart the gateway")
 
-    def _migrate(self) -> None:
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StorageError(self.problem or f"the dead-letter store {str(self.path)!r} is "
+                               "closed")
+        return self._db
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"its schema version {version} is newer than this "
                                         f"gateway's ({SCHEMA_VERSION}); upgrade the gateway")
         if version == SCHEMA_VERSION:
             return
-        logger.info("dead letters: migrating %s from schema version %d to %d", self.path,
-                    version, SCHEMA_VERSION)
-        self._db.execute("BEGIN IMMEDIATE")
+        logger.info("dead letters: migrating from schema version %d to %d", version,
+                    SCHEMA_VERSION)
+        db.execute("BEGIN IMMEDIATE")
         try:
             for step in _MIGRATIONS[version:]:
                 for statement in step.split(";"):
                     if statement.strip():
-                        self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                        db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
 
     def add(self, letters: Iterable[DeadLetter]) -> int:
         """Store letters in one transaction; returns how many were new (a letter already held,
@@ -123,18 +159,19 @@ class DeadLetterStore:
         if not rows:
             return 0
         with self._lock:
+            db = self._connection()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN IMMEDIATE")
                 try:
-                    before = self._db.total_changes
-                    self._db.executemany(
+                    before = db.total_changes
+                    db.executemany(
                         "INSERT INTO dead_letters (received_at, topic, payload, error, digest) "
                         "VALUES (?,?,?,?,?) ON CONFLICT (topic, digest) DO NOTHING", rows)
-                    added = self._db.total_changes - before
-                    self._db.execute("COMMIT")
+                    added = db.total_changes - before
+                    db.execute("COMMIT")
                 except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot store {len(rows)} dead letter(s) in "
@@ -144,7 +181,8 @@ class DeadLetterStore:
     def count(self) -> int:
         try:
             with self._lock:
-                (total,) = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+                (total,) = self._connection().execute(
+                    "SELECT COUNT(*) FROM dead_letters").fetchone()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot count the dead letters in {str(self.path)!r}: {exc}"
                                ) from exc
@@ -153,7 +191,7 @@ class DeadLetterStore:
     def list(self, *, limit: int = 100, after_id: int = 0) -> list[StoredDeadLetter]:
         """Letters with ids greater than ``after_id``, oldest first (keyset pagination)."""
         with self._lock:
-            rows = self._db.execute(
+            rows = self._connection().execute(
                 "SELECT id, received_at, topic, payload, error FROM dead_letters "
                 "WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
         return [StoredDeadLetter(row[0], DeadLetter(row[2], bytes(row[3]), row[4],
@@ -162,8 +200,8 @@ class DeadLetterStore:
 
     def delete(self, ids: Sequence[int]) -> None:
         with self._lock:
-            self._db.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
+            self._connection().executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
 
     def update_error(self, letter_id: int, error: str) -> None:
         with self._lock:
-            self._db.execute("UPDATE dead_letters SET error = ? WHERE id = ?", (error, letter_id))
+            self._connection().execute("UPDATE dead_letters SET error = ? WHERE id = ?", (error, letter_id))

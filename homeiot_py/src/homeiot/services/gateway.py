@@ -202,6 +202,8 @@ class Gateway:
         logger.info("gateway starting: broker=%s:%s client_id=%s subscription=%s batch=%d/%.2fs",
                     s.host, s.port, self.settings.client_id, self._topic_filter,
                     self.settings.batch_size, self.settings.batch_age_s)
+        if self.dead_letters.problem:
+            logger.error("%s", self.dead_letters.problem)
         self._writer.start()
         self._client.connect_async(
             s.host, s.port, keepalive=s.keepalive_s, clean_start=False,
@@ -581,6 +583,8 @@ class Gateway:
         elif self.heartbeat and time.monotonic() - self.heartbeat > stall_s and self.pending:
             reasons.append(f"the writer has made no progress for {stall_s:.0f} s "
                            f"({self.pending} messages waiting)")
+        if self.dead_letters.problem:
+            reasons.append(self.dead_letters.problem)
         if self.influx_problem:
             reasons.append(self.influx_problem)
         if self.subscribe_problem:
