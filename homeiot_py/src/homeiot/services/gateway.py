@@ -69,8 +69,9 @@ RESUBSCRIBE_EVERY_S = 30.0
 #: Receipts awaiting their PUBACK that the gateway remembers (by message id) to name a refusal.
 _RECEIPTS_TRACKED = 10_000
 #: Acknowledgements go out on paho's network thread, before it handles the next message; when no
-#: message comes for this long, the writer sends them itself.
-_ACK_HANDOVER_S = 0.02
+#: message came for this long (the stream is idle, or the broker waits for these very acks: Receive
+#: Maximum), the writer sends them itself.
+_ACK_HANDOVER_S = 0.005
 
 
 def broker_cert_not_after(client: mqtt.Client) -> float | None:
@@ -178,7 +179,7 @@ class Gateway:
         # thread sends them (it handles connects and disconnects itself, so its check of the
         # generation cannot race one); the writer only when no message came for a while.
         self._acks: collections.deque[tuple[int, int, int]] = collections.deque()
-        self._acks_at = 0.0
+        self._last_message_at = 0.0  # monotonic; paho's thread writes it, the writer reads it
         self._ack_lock = threading.Lock()  # one sender at a time: PUBACKs go out in order
         self.flow = GatewayFlow(settings.batch_size, settings.batch_age_s)
         self._ready: queue.Queue[batching.Action] = queue.Queue()
@@ -293,6 +294,7 @@ class Gateway:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # paho issue #472: callbacks registered per "$share/..." filter never fire, so every
         # message comes through this one on_message.
+        now = self._last_message_at = time.monotonic()
         if self._acks and self._ack_lock.acquire(blocking=False):  # else the writer sends them
             try:
                 self._send_acks(self.flow.generation)  # paho's thread: the generation is settled
@@ -308,7 +310,7 @@ class Gateway:
             if last is None or message.seq > last:
                 self._last_seq[message.source] = message.seq
         with self._lock:
-            actions = self.flow.handle(batching.Received(message, time.monotonic()))
+            actions = self.flow.handle(batching.Received(message, now))
         for action in actions:
             self._ready.put(action)  # a full batch: Write or DeadLetter
 
@@ -341,8 +343,8 @@ class Gateway:
             if stopping and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_FLUSH_S
             try:
-                actions: list[batching.Action] = [self._ready.get(timeout=min(age / 4, 0.05)
-                                                                  if not stopping else 0)]
+                wait = 0 if stopping else _ACK_HANDOVER_S if self._acks else min(age / 4, 0.05)
+                actions: list[batching.Action] = [self._ready.get(timeout=wait)]
             except queue.Empty:
                 with self._lock:
                     actions = self.flow.handle(batching.Tick(time.monotonic(), flush=stopping))
@@ -352,7 +354,8 @@ class Gateway:
             self.heartbeat = time.monotonic()
             if not self._carry_out(actions, deadline):
                 return
-            if self._acks and (stopping or self.heartbeat - self._acks_at >= _ACK_HANDOVER_S):
+            if self._acks and (stopping or time.monotonic() - self._last_message_at
+                               >= _ACK_HANDOVER_S):
                 self._send_acks_here()
             self._settle_receipt_acks()
             self.heartbeat = time.monotonic()
@@ -425,8 +428,6 @@ class Gateway:
                         todo[:0] = self.flow.handle(batching.DeadLettered(batch_id))
                         generation = self.flow.generation
                 case batching.Ack(mid, qos):
-                    if not self._acks:
-                        self._acks_at = time.monotonic()
                     self._acks.append((generation, mid, qos))
                 case batching.Receipt(source, ranges, dead):
                     # QoS 1; if it is lost, the publisher resends and we store and say it again.
