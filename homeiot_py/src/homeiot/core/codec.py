@@ -120,33 +120,26 @@ _HUGE = float(2**63)  # orjson reads integers beyond 64 bits as floats
 def _reading(obj: Any, source: str) -> Reading:
     if not isinstance(obj, dict):
         raise PayloadError(f"payload must be a JSON object, got {type(obj).__name__}")
-    missing = _REQUIRED - obj.keys()
-    if missing:
-        raise PayloadError(f"missing required key(s): {', '.join(sorted(missing))}")
-    unknown = obj.keys() - _ALLOWED
-    if unknown:
-        raise PayloadError(f"unknown key(s) for schema v1: {', '.join(sorted(unknown))}")
+    keys = obj.keys()
+    if not _REQUIRED <= keys <= _ALLOWED:
+        missing = _REQUIRED - keys
+        if missing:
+            raise PayloadError(f"missing required key(s): {', '.join(sorted(missing))}")
+        raise PayloadError(f"unknown key(s) for schema v1: {', '.join(sorted(keys - _ALLOWED))}")
     version = obj["v"]
     if type(version) is not int or version != SCHEMA_VERSION:
         raise PayloadError(f"v: unsupported schema version {version!r}, expected 1")
     seq = obj["seq"]
     if type(seq) is not int:
         raise PayloadError(f"seq: must be an integer, got {type(seq).__name__}")
-    numbers = {name: _number(obj, name) for name in FLOAT_FIELDS}
+    # A float is taken as it is (the common case); anything else is checked by _number.
+    numbers = [value if type(value := obj.get(name)) is float else _number(obj, name)
+               for name in FLOAT_FIELDS]
     fixed_ts = _parse_ts("fixed_ts", obj["fixed_ts"]) if "fixed_ts" in obj else None
     try:
-        return Reading(
-            source=source,
-            ts=_parse_ts("ts", obj["ts"]),
-            seq=seq,
-            power_w=numbers["power_w"],
-            current_r_a=numbers["current_r_a"],
-            current_t_a=numbers["current_t_a"],
-            energy_normal_kwh=numbers["energy_normal_kwh"],
-            energy_reverse_kwh=numbers["energy_reverse_kwh"],
-            fixed_ts=fixed_ts,
-            fixed_energy_normal_kwh=numbers["fixed_energy_normal_kwh"],
-        )
+        # Positional, in Reading's field order (FLOAT_FIELDS keeps fixed_energy_normal_kwh last).
+        return Reading(source, _parse_ts("ts", obj["ts"]), seq, numbers[0], numbers[1],
+                       numbers[2], numbers[3], numbers[4], fixed_ts, numbers[5])
     except PayloadError:
         raise
     except InvalidDataError as exc:
