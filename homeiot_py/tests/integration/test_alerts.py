@@ -253,7 +253,7 @@ def test_a_dead_letter_store_that_cannot_be_read_is_a_warning_in_the_status(
     store that cannot take a dead letter still stops the writer, where it matters)."""
     running = RunningGateway(gateway_settings(mosquitto, influx_db, tmp_path))
     try:
-        running.store._db.close()  # a broken store: every query now fails in sqlite3
+        running.store.close()  # a broken store: every query now fails in sqlite3
         running.gateway.write_status()
         assert any("cannot count the dead letters" in r.getMessage() for r in caplog.records)
         assert running.gateway.fatal_error is None

@@ -227,7 +227,9 @@ def test_ten_thousand_bad_payloads_never_crash_it(
         feed()
         publisher.wait_all()
         valid = len(published) // 10
-        wait_until(lambda: gw.store.count() == len(published), 120, "every dead letter")
+        # Identical payloads (Hypothesis repeats some) are one letter: the store keeps one per
+        # message.
+        wait_until(lambda: gw.store.count() == len(set(published)), 120, "every dead letter")
         wait_until(lambda: count_points(influx_db) == valid, 60, "every valid reading")
         assert gw.gateway.fatal_error is None
     finally:

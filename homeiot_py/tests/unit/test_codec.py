@@ -144,3 +144,59 @@ def test_structured_garbage_raises_only_payload_error(obj: dict[str, Any]) -> No
         return
     jsonschema.validate(obj, SCHEMA)  # whatever the codec accepts, the schema accepts
     assert reading.source == "m"
+
+
+def _outcome(payload: bytes, load: Any) -> Reading | str:
+    """What decoding ``payload`` gives when its JSON is read by ``load``: the reading or the
+    refusal's message."""
+    try:
+        if len(payload) > codec.MAX_PAYLOAD_BYTES:
+            return codec.decode(payload, "m")
+        return codec._reading(load(payload), "m")
+    except PayloadError as exc:
+        return str(exc)
+
+
+def _decoded(payload: bytes) -> Reading | str:
+    try:
+        return codec.decode(payload, "m")
+    except PayloadError as exc:
+        return str(exc)
+
+
+def _pairs_payload(pairs: list[tuple[str, Any]], compact: bool) -> bytes:
+    """A JSON object from ``pairs`` as written, duplicate keys included."""
+    separators = (",", ":") if compact else (", ", ": ")
+    body = separators[0].join(json.dumps(key) + separators[1] + json.dumps(value)
+                              for key, value in pairs)
+    return ("{" + body + "}").encode()
+
+
+keys = st.sampled_from(["v", "ts", "seq", "power_w", "current_r_a", "fixed_ts",
+                        "fixed_energy_normal_kwh", "energy_normal_kwh", "x", 'q"', "é"])
+values = st.one_of(
+    st.just(1), st.integers(), st.integers(2**63, 2**80), st.floats(), st.booleans(), st.none(),
+    st.sampled_from(["2025-12-16T15:00:00.250Z", "2025-12-16T15:00:00Z", 'a":b', "\x01"]),
+    st.text(max_size=8), json_values)
+
+
+@settings(max_examples=500)
+@given(st.lists(st.tuples(keys, values), max_size=9), st.booleans())
+def test_plain_payload_path_agrees_with_the_checked_decoder(pairs: list[tuple[str, Any]],
+                                                            compact: bool) -> None:
+    """The orjson path for plain payloads gives what the checked decoder gives — the same
+    reading, or the same refusal — for duplicate keys, huge integers, nested values, escapes."""
+    base = [("v", 1), ("ts", "2025-12-16T15:00:00.250Z"), ("seq", 7), ("power_w", 5.0)]
+    for payload in (_pairs_payload(pairs, compact), _pairs_payload(base + pairs, compact)):
+        assert _decoded(payload) == _outcome(payload, codec._load_checked)
+
+
+def test_plain_payload_path_refuses_a_duplicate_key_like_the_checked_decoder() -> None:
+    payload = b'{"v":1,"ts":"2025-12-16T15:00:00.250Z","seq":7,"seq":8,"power_w":5.0}'
+    assert codec._plain_object(payload) is None
+    with pytest.raises(PayloadError, match="duplicate key"):
+        codec.decode(payload, "m")
+
+
+def test_plain_payloads_take_the_plain_path() -> None:
+    assert codec._plain_object(codec.encode(FULL)) is not None

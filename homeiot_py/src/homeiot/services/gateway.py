@@ -3,8 +3,11 @@
 Messages arrive on paho's network thread, are decoded at once (``core``) and fed to the delivery
 state machine (:mod:`homeiot.core.batching`), which batches them and decides what to write, what
 to set aside and what to acknowledge. A writer thread carries out its actions: it writes each batch
-to InfluxDB and only then acknowledges its messages, in arrival order (MQTT v5, ``manual_ack``),
-and never on a connection other than the one that delivered them. The session is persistent (fixed client id,
+to InfluxDB and only then queues its messages' acknowledgements, in arrival order (MQTT v5,
+``manual_ack``). paho's thread sends them before it handles the next message (as a bare paho
+consumer does: the writer does not compete with it for the GIL once per PUBACK), the writer only
+when no message came for ``_ACK_HANDOVER_S``; never on a connection other than the one that
+delivered them. The session is persistent (fixed client id,
 ``clean_start=False``, a session expiry), so what is published while the gateway is down waits in
 the broker. ``Receive Maximum`` caps the unacknowledged messages the broker sends us, which bounds
 memory while InfluxDB is down: the backlog stays in the broker.
@@ -23,6 +26,7 @@ write the receipt tree) are logged at ERROR once per change, naming the topic an
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import random
@@ -64,6 +68,10 @@ STATUS_EVERY_S = 60.0
 RESUBSCRIBE_EVERY_S = 30.0
 #: Receipts awaiting their PUBACK that the gateway remembers (by message id) to name a refusal.
 _RECEIPTS_TRACKED = 10_000
+#: Acknowledgements go out on paho's network thread, before it handles the next message; when no
+#: message came for this long (the stream is idle, or the broker waits for these very acks: Receive
+#: Maximum), the writer sends them itself.
+_ACK_HANDOVER_S = 0.005
 
 
 def broker_cert_not_after(client: mqtt.Client) -> float | None:
@@ -167,6 +175,12 @@ class Gateway:
         self.receive_maximum = min(65535, 2 * settings.batch_size)
 
         self._lock = threading.Lock()  # guards the flow: paho's thread and the writer feed it
+        # Acks the flow decided, each with the connection generation it was decided on. paho's
+        # thread sends them (it handles connects and disconnects itself, so its check of the
+        # generation cannot race one); the writer only when no message came for a while.
+        self._acks: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._last_message_at = 0.0  # monotonic; paho's thread writes it, the writer reads it
+        self._ack_lock = threading.Lock()  # one sender at a time: PUBACKs go out in order
         self.flow = GatewayFlow(settings.batch_size, settings.batch_age_s)
         self._ready: queue.Queue[batching.Action] = queue.Queue()
         self._stopping = threading.Event()
@@ -189,6 +203,8 @@ class Gateway:
         logger.info("gateway starting: broker=%s:%s client_id=%s subscription=%s batch=%d/%.2fs",
                     s.host, s.port, self.settings.client_id, self._topic_filter,
                     self.settings.batch_size, self.settings.batch_age_s)
+        if self.dead_letters.problem:
+            logger.error("%s", self.dead_letters.problem)
         self._writer.start()
         self._client.connect_async(
             s.host, s.port, keepalive=s.keepalive_s, clean_start=False,
@@ -278,6 +294,12 @@ class Gateway:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # paho issue #472: callbacks registered per "$share/..." filter never fire, so every
         # message comes through this one on_message.
+        now = self._last_message_at = time.monotonic()
+        if self._acks and self._ack_lock.acquire(blocking=False):  # else the writer sends them
+            try:
+                self._send_acks(self.flow.generation)  # paho's thread: the generation is settled
+            finally:
+                self._ack_lock.release()
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
         message = self._ingest(msg.mid, msg.qos, msg.topic, payload, self._clock())
         self.metrics.received.inc()
@@ -288,7 +310,7 @@ class Gateway:
             if last is None or message.seq > last:
                 self._last_seq[message.source] = message.seq
         with self._lock:
-            actions = self.flow.handle(batching.Received(message, time.monotonic()))
+            actions = self.flow.handle(batching.Received(message, now))
         for action in actions:
             self._ready.put(action)  # a full batch: Write or DeadLetter
 
@@ -321,16 +343,20 @@ class Gateway:
             if stopping and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_FLUSH_S
             try:
-                actions: list[batching.Action] = [self._ready.get(timeout=min(age / 4, 0.05)
-                                                                  if not stopping else 0)]
+                wait = 0 if stopping else _ACK_HANDOVER_S if self._acks else min(age / 4, 0.05)
+                actions: list[batching.Action] = [self._ready.get(timeout=wait)]
             except queue.Empty:
                 with self._lock:
                     actions = self.flow.handle(batching.Tick(time.monotonic(), flush=stopping))
                 if not actions and stopping and self._ready.empty():
+                    self._send_acks_here()
                     return
             self.heartbeat = time.monotonic()
             if not self._carry_out(actions, deadline):
                 return
+            if self._acks and (stopping or time.monotonic() - self._last_message_at
+                               >= _ACK_HANDOVER_S):
+                self._send_acks_here()
             self._settle_receipt_acks()
             self.heartbeat = time.monotonic()
             if self.subscribe_problem and self.mqtt_connected and not stopping and \
@@ -376,6 +402,8 @@ class Gateway:
         """Carry out the flow's actions (and those they lead to); False when shutdown's deadline
         passed first (nothing more is acknowledged: the broker redelivers)."""
         todo = list(actions)
+        with self._lock:
+            generation = self.flow.generation
         while todo:
             action = todo.pop(0)
             match action:
@@ -387,6 +415,7 @@ class Gateway:
                     self.metrics.batch_latency.observe(time.monotonic() - started)
                     with self._lock:
                         todo[:0] = self.flow.handle(written)
+                        generation = self.flow.generation
                 case batching.DeadLetter(batch_id, letters):
                     self.dead_letters.add([DeadLetter(lt.topic, lt.payload, lt.error,
                                                       lt.received_at) for lt in letters])
@@ -397,22 +426,47 @@ class Gateway:
                                    letters[0].topic, letters[0].error)
                     with self._lock:
                         todo[:0] = self.flow.handle(batching.DeadLettered(batch_id))
+                        generation = self.flow.generation
                 case batching.Ack(mid, qos):
-                    self._client.ack(mid, qos)
+                    self._acks.append((generation, mid, qos))
                 case batching.Receipt(source, ranges, dead):
                     # QoS 1; if it is lost, the publisher resends and we store and say it again.
                     self._send_receipt(source, ranges, dead)
                 case batching.Settled(_, stored, _, _):
-                    self.metrics.written.inc(len(stored))
-                    for message in stored:
-                        self.metrics.stored_by_source.labels(message.source).inc()
-                    for message in stored:
-                        if message.source is None or message.ts is None:
-                            continue  # stored messages always have both; typing cannot tell
-                        newest = self.last_reading.get(message.source)
-                        if newest is None or message.ts > newest:
-                            self.last_reading[message.source] = message.ts
+                    self._count_stored(stored)
         return True
+
+    def _count_stored(self, stored: tuple[batching.Message, ...]) -> None:
+        """Metrics of a settled batch: points written, per source, and the newest reading."""
+        self.metrics.written.inc(len(stored))
+        per_source: dict[str, int] = {}
+        for message in stored:
+            if message.source is None or message.ts is None:
+                continue  # stored messages always have both; typing cannot tell
+            per_source[message.source] = per_source.get(message.source, 0) + 1
+            newest = self.last_reading.get(message.source)
+            if newest is None or message.ts > newest:
+                self.last_reading[message.source] = message.ts
+        for source, count in per_source.items():
+            self.metrics.stored_by_source.labels(source).inc(count)
+
+    def _send_acks_here(self) -> None:
+        """The writer sends the queued acks (no message came to carry them, or shutting down)."""
+        with self._ack_lock, self._lock:
+            self._send_acks(self.flow.generation)
+
+    def _send_acks(self, generation: int) -> None:
+        """Send the queued acks that belong to connection ``generation``; drop the others (the
+        broker delivers their messages again). Called holding ``_ack_lock``: each ack is popped
+        and sent by one thread, in the order the flow decided them."""
+        acks = self._acks
+        while True:
+            try:
+                decided_on, mid, qos = acks.popleft()
+            except IndexError:
+                return
+            if decided_on == generation:
+                self._client.ack(mid, qos)
 
     def _send_receipt(self, source: str, stored: receipts.Ranges, dead: receipts.Ranges) -> None:
         topic = receipt_topic(self.settings.mqtt.receipt_topic, source)
@@ -530,6 +584,8 @@ class Gateway:
         elif self.heartbeat and time.monotonic() - self.heartbeat > stall_s and self.pending:
             reasons.append(f"the writer has made no progress for {stall_s:.0f} s "
                            f"({self.pending} messages waiting)")
+        if self.dead_letters.problem:
+            reasons.append(self.dead_letters.problem)
         if self.influx_problem:
             reasons.append(self.influx_problem)
         if self.subscribe_problem:
