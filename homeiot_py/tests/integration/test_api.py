@@ -126,6 +126,16 @@ def test_readyz_names_its_reasons_to_a_token_holder_only(influx_db: InfluxSettin
         influx.close()
 
 
+def test_dead_letters_answer_503_while_the_store_is_unavailable(client: TestClient,
+                                                                 app: FastAPI) -> None:
+    """A store that cannot be used (closed here; read-only at start in the gateway's drill)
+    raises StorageError: a 503 that says which, not an internal error."""
+    app.state.ctx.dead_letters.close()
+    answer = client.get("/api/v1/dead-letters", headers=AUTH)
+    assert answer.status_code == 503
+    assert answer.json() == {"detail": "the dead-letter store is unavailable; see /readyz"}
+
+
 def test_health_needs_no_auth_and_says_nothing(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"ready": True, "mqtt": True, "influxdb": True,

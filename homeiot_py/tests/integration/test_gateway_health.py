@@ -210,7 +210,9 @@ def test_drill_the_dead_letter_disk_made_read_only(
         proc = _gateway_in(namespace, settings, log, port)
         wait_until(lambda: (r := readiness(port)) is not None and r.status_code == 503, 30,
                    "/readyz to say 503")
-        body = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()
+        answer = readiness(port)
+        assert answer is not None
+        body = answer.json()
         assert any("read-only file system" in reason for reason in body["reasons"]), body
         publisher.publish_readings(reading(i) for i in range(100, 200))  # valid: they flow
         publisher.wait_all()

@@ -147,9 +147,11 @@ class DeadLetterStore:
         db.execute("COMMIT")
 
     def close(self) -> None:
+        """Close it; every later operation raises StorageError (not sqlite3's ProgrammingError)."""
         with self._lock:
             if self._db is not None:
                 self._db.close()
+                self._db = None
 
     def add(self, letters: Iterable[DeadLetter]) -> int:
         """Store letters in one transaction; returns how many were new (a letter already held,

@@ -32,7 +32,7 @@ import homeiot
 from homeiot.adapters.deadletters import DeadLetterStore
 from homeiot.adapters.influx import InfluxClient
 from homeiot.core import table
-from homeiot.core.errors import RejectedError, TransientError
+from homeiot.core.errors import RejectedError, StorageError, TransientError
 from homeiot.core.reading import MAX_TS, MIN_TS, SOURCE_PATTERN, epoch_ms
 
 logger = logging.getLogger(__name__)
@@ -470,6 +470,12 @@ async def _rejected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=502, content={"detail": "InfluxDB refused the query"})
 
 
+async def _storage(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("API %s: %s", request.url.path, exc)
+    return JSONResponse(status_code=503,
+                        content={"detail": "the dead-letter store is unavailable; see /readyz"})
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("API %s failed", request.url.path, exc_info=exc)
     return JSONResponse(status_code=500, content={"detail": "internal error"})
@@ -492,6 +498,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(api)
     app.add_exception_handler(TransientError, _unavailable)
     app.add_exception_handler(RejectedError, _rejected)
+    app.add_exception_handler(StorageError, _storage)
     app.add_exception_handler(Exception, _internal)
     return app
 
