@@ -118,10 +118,10 @@ class DeadLetterStore:
                             "acknowledged (the gateway stops when one comes); make the disk "
                             "writable and restart the gateway")
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, doing: str) -> sqlite3.Connection:
         if self._db is None:
-            raise StorageError(self.problem or f"the dead-letter store {str(self.path)!r} is "
-                               "closed")
+            raise StorageError(f"cannot {doing}: " + (
+                self.problem or f"the dead-letter store {str(self.path)!r} is closed"))
         return self._db
 
     @staticmethod
@@ -161,7 +161,7 @@ class DeadLetterStore:
         if not rows:
             return 0
         with self._lock:
-            db = self._connection()
+            db = self._connection("store dead letters")
             try:
                 db.execute("BEGIN IMMEDIATE")
                 try:
@@ -183,7 +183,7 @@ class DeadLetterStore:
     def count(self) -> int:
         try:
             with self._lock:
-                (total,) = self._connection().execute(
+                (total,) = self._connection("count the dead letters").execute(
                     "SELECT COUNT(*) FROM dead_letters").fetchone()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot count the dead letters in {str(self.path)!r}: {exc}"
@@ -192,18 +192,24 @@ class DeadLetterStore:
 
     def list(self, *, limit: int = 100, after_id: int = 0) -> list[StoredDeadLetter]:
         """Letters with ids greater than ``after_id``, oldest first (keyset pagination)."""
-        with self._lock:
-            rows = self._connection().execute(
-                "SELECT id, received_at, topic, payload, error FROM dead_letters "
-                "WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        try:
+            with self._lock:
+                rows = self._connection("list the dead letters").execute(
+                    "SELECT id, received_at, topic, payload, error FROM dead_letters "
+                    "WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot list the dead letters in {str(self.path)!r}: {exc}"
+                               ) from exc
         return [StoredDeadLetter(row[0], DeadLetter(row[2], bytes(row[3]), row[4],
                                                     datetime.fromisoformat(row[1])))
                 for row in rows]
 
     def delete(self, ids: Sequence[int]) -> None:
         with self._lock:
-            self._connection().executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
+            self._connection("delete dead letters").executemany(
+                "DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
 
     def update_error(self, letter_id: int, error: str) -> None:
         with self._lock:
-            self._connection().execute("UPDATE dead_letters SET error = ? WHERE id = ?", (error, letter_id))
+            self._connection("update a dead letter").execute(
+                "UPDATE dead_letters SET error = ? WHERE id = ?", (error, letter_id))
