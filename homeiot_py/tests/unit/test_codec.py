@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -200,3 +202,22 @@ def test_plain_payload_path_refuses_a_duplicate_key_like_the_checked_decoder() -
 
 def test_plain_payloads_take_the_plain_path() -> None:
     assert codec._plain_object(codec.encode(FULL)) is not None
+
+
+def test_the_pi_needs_no_server_extra() -> None:
+    """The Pi installs homeiot without the [server] extra (no orjson, FastAPI, pyarrow, ...): its
+    entry point imports, and the codec decodes with the checked decoder alone."""
+    code = (
+        "import sys\n"
+        "for name in ('orjson', 'httpx', 'fastapi', 'uvicorn', 'pyarrow', 'duckdb',\n"
+        "             'prometheus_client'):\n"
+        "    sys.modules[name] = None  # import fails as if not installed\n"
+        "import homeiot.cli.publisher\n"
+        "from homeiot.core import codec\n"
+        "r = codec.decode(b'{\"v\":1,\"ts\":\"2026-01-01T00:00:00Z\",\"seq\":7,\"power_w\":5}', 'm')\n"
+        "assert (r.seq, r.power_w) == (7, 5.0), r\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"

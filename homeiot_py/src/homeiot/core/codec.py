@@ -16,7 +16,10 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-import orjson
+try:  # the server's extra (the gateway's hot path); the Pi's publisher has only the checked decoder
+    import orjson
+except ImportError:  # pragma: no cover - exercised by test_codec in a subprocess without orjson
+    orjson = None  # type: ignore[assignment]
 
 from homeiot.core.errors import InvalidDataError, PayloadError
 from homeiot.core.reading import FLOAT_FIELDS, MAX_SEQ, Reading
@@ -93,7 +96,7 @@ def _plain_object(payload: bytes) -> dict[str, Any] | None:
     float beyond 2**63: orjson reads a huge integer as a float, where the checked decoder keeps it
     exact, and a refusal's message quotes the value.
     """
-    if not payload.startswith(b"{") or b"\\" in payload:
+    if orjson is None or not payload.startswith(b"{") or b"\\" in payload:
         return None
     try:
         obj = orjson.loads(payload)
