@@ -168,12 +168,18 @@ def _images_env(state: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines)
 
 
-def test_lab_images_real_stops_when_the_upstream_images_cannot_be_pulled(
-    lab: tuple[str, list[str], list[str], list[Path]],
-) -> None:
+def _lab_state(lab: tuple[str, list[str], list[str], list[Path]]) -> tuple[str, Path]:
+    """The lab's name and its state directory under .cache, removed by the fixture afterwards."""
     name, _, _, dirs = lab
     state = REPO / ".cache" / name
     dirs.append(state)
+    return name, state
+
+
+def test_lab_images_real_stops_when_the_upstream_images_cannot_be_pulled(
+    lab: tuple[str, list[str], list[str], list[Path]],
+) -> None:
+    name, state = _lab_state(lab)
 
     result = _lab_images(name, HOMEIOT_LAB_IMAGES="real", HOMEIOT_LAB_UPSTREAM_MOSQUITTO=UNPULLABLE)
 
@@ -187,9 +193,7 @@ def test_lab_images_real_stops_when_the_upstream_images_cannot_be_pulled(
 def test_lab_images_auto_falls_back_to_the_standins_and_says_what_it_skipped(
     lab: tuple[str, list[str], list[str], list[Path]],
 ) -> None:
-    name, _, _, dirs = lab
-    state = REPO / ".cache" / name
-    dirs.append(state)
+    name, state = _lab_state(lab)
 
     first = _lab_images(name, HOMEIOT_LAB_UPSTREAM_MOSQUITTO=UNPULLABLE)
     again = _lab_images(name, HOMEIOT_LAB_UPSTREAM_MOSQUITTO=UNPULLABLE)
@@ -213,9 +217,7 @@ def test_lab_images_auto_falls_back_to_the_standins_and_says_what_it_skipped(
 def test_lab_images_auto_takes_upstream_images_already_here_and_skips_only_the_tunnel(
     lab: tuple[str, list[str], list[str], list[Path]],
 ) -> None:
-    name, _, _, dirs = lab
-    state = REPO / ".cache" / name
-    dirs.append(state)
+    name, state = _lab_state(lab)
     # Stand-ins for "upstream images this machine has": present, so nothing is pulled.
     present = {"HOMEIOT_LAB_UPSTREAM_MOSQUITTO": IMAGE, "HOMEIOT_LAB_UPSTREAM_INFLUXDB": IMAGE,
                "HOMEIOT_LAB_UPSTREAM_GRAFANA": IMAGE}
@@ -231,8 +233,7 @@ def test_lab_images_auto_takes_upstream_images_already_here_and_skips_only_the_t
 
 
 def test_lab_images_standin_never_pulls(lab: tuple[str, list[str], list[str], list[Path]]) -> None:
-    name, _, _, dirs = lab
-    dirs.append(REPO / ".cache" / name)
+    name, _ = _lab_state(lab)
 
     result = _lab_images(name, HOMEIOT_LAB_IMAGES="standin", HOMEIOT_LAB_UPSTREAM_MOSQUITTO=UNPULLABLE)
 
@@ -243,8 +244,7 @@ def test_lab_images_standin_never_pulls(lab: tuple[str, list[str], list[str], li
 
 
 def test_lab_images_refuses_an_unknown_mode(lab: tuple[str, list[str], list[str], list[Path]]) -> None:
-    name, _, _, dirs = lab
-    dirs.append(REPO / ".cache" / name)
+    name, _ = _lab_state(lab)
 
     result = _lab_images(name, HOMEIOT_LAB_IMAGES="upstream")
 
