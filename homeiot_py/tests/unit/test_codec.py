@@ -195,13 +195,13 @@ def test_plain_payload_path_agrees_with_the_checked_decoder(pairs: list[tuple[st
 
 def test_plain_payload_path_refuses_a_duplicate_key_like_the_checked_decoder() -> None:
     payload = b'{"v":1,"ts":"2025-12-16T15:00:00.250Z","seq":7,"seq":8,"power_w":5.0}'
-    assert codec._plain_object(payload) is None
+    assert codec.plain_object(payload) is None
     with pytest.raises(PayloadError, match="duplicate key"):
         codec.decode(payload, "m")
 
 
 def test_plain_payloads_take_the_plain_path() -> None:
-    assert codec._plain_object(codec.encode(FULL)) is not None
+    assert codec.plain_object(codec.encode(FULL)) is not None
 
 
 def test_the_pi_needs_no_server_extra() -> None:

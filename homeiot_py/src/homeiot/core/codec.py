@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 #: Payloads larger than this are rejected before parsing (a reading is ~300 bytes).
 MAX_PAYLOAD_BYTES = 4096
 
-_TS_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,3})?Z")
+TS_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,3})?Z")
 _REQUIRED = frozenset({"v", "ts", "seq"})  # power_w too, unless a half-hour slot (Reading checks)
 _ALLOWED = _REQUIRED | frozenset(FLOAT_FIELDS) | {"fixed_ts"}
 
@@ -67,7 +67,7 @@ def decode(payload: bytes, source: str) -> Reading:
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload is {len(payload)} bytes, more than {MAX_PAYLOAD_BYTES}")
-    obj = _plain_object(payload)
+    obj = plain_object(payload)
     if obj is None:
         obj = _load_checked(payload)
     return _reading(obj, source)
@@ -84,7 +84,7 @@ def _load_checked(payload: bytes) -> Any:
         raise PayloadError(f"payload is not valid UTF-8 JSON: {exc}") from exc
 
 
-def _plain_object(payload: bytes) -> dict[str, Any] | None:
+def plain_object(payload: bytes) -> dict[str, Any] | None:
     """The gateway's hot path: a plain payload (a flat object without escapes, as publishers
     send it) parsed by orjson, faster than the checked decoder (no Python hook per object). None when the
     payload is not plainly such an object; :func:`_load_checked` then decides, so every refusal
@@ -178,7 +178,7 @@ def _number(obj: dict[str, Any], name: str) -> float | None:
 
 
 def _parse_ts(name: str, value: object) -> datetime:
-    if not isinstance(value, str) or _TS_PATTERN.fullmatch(value) is None:
+    if not isinstance(value, str) or TS_PATTERN.fullmatch(value) is None:
         raise PayloadError(
             f"{name}: must be a UTC timestamp like 2025-12-16T15:00:00.000Z, got {value!r}"
         )

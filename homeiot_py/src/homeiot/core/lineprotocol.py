@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from homeiot.core.errors import EncodingError
 from homeiot.core.reading import FLOAT_FIELDS, Reading, epoch_ms
@@ -136,13 +136,24 @@ def encode_reading(reading: Reading, measurement: str = DEFAULT_MEASUREMENT) -> 
     ``reading.fields()`` (a property test holds the two equal): a :class:`Reading` has already
     validated that its numbers are finite and its source needs no escaping.
     """
-    parts = [_reading_prefix(measurement, reading.source), " seq=", str(reading.seq), "i"]
-    for name in FLOAT_FIELDS:
-        value = getattr(reading, name)
-        if value is not None:
-            parts += (",", name, "=", repr(value))
-    if reading.fixed_ts is not None:
-        parts += (",fixed_ts_ms=", str(epoch_ms(reading.fixed_ts)), "i")
-    parts += (" ", str(epoch_ms(reading.ts)))
-    return "".join(parts)
+    values = [(name, value) for name in FLOAT_FIELDS
+              if (value := getattr(reading, name)) is not None]
+    fixed_ts_ms = None if reading.fixed_ts is None else epoch_ms(reading.fixed_ts)
+    return reading_line(measurement, reading.source, reading.seq, values,
+                        ts_ms=epoch_ms(reading.ts), fixed_ts_ms=fixed_ts_ms)
 
+
+def reading_line(measurement: str, source: str, seq: int,
+                 values: Iterable[tuple[str, float]], *, ts_ms: int,
+                 fixed_ts_ms: int | None = None) -> str:
+    """The point of a reading from its parts, already validated as a :class:`Reading` validates
+    them (``values`` finite floats in ``FLOAT_FIELDS`` order, ``source`` a valid source): the one
+    formatting shared by :func:`encode_reading` and the gateway's plain-payload path
+    (:func:`homeiot.core.ingest.ingest`)."""
+    parts = [_reading_prefix(measurement, source), " seq=", str(seq), "i"]
+    for name, value in values:
+        parts += (",", name, "=", repr(value))
+    if fixed_ts_ms is not None:
+        parts += (",fixed_ts_ms=", str(fixed_ts_ms), "i")
+    parts += (" ", str(ts_ms))
+    return "".join(parts)

@@ -119,7 +119,7 @@ class Reading:
         if self.power_w is None and (self.fixed_ts is None or self.fixed_ts != self.ts):
             raise InvalidReadingError("power_w", "is required (only a half-hour slot reading, "
                                                  "whose ts equals its fixed_ts, goes without)")
-        for name, low, high in _BOUNDS:
+        for name, (low, high) in FLOAT_BOUNDS.items():
             value = getattr(self, name)
             checked = _check_number(name, value, low, high)
             if checked is not value:
@@ -149,14 +149,15 @@ class Reading:
         return out
 
 
-_BOUNDS = (
-    ("power_w", -MAX_ABS_POWER_W, MAX_ABS_POWER_W),
-    ("current_r_a", -MAX_ABS_CURRENT_A, MAX_ABS_CURRENT_A),
-    ("current_t_a", -MAX_ABS_CURRENT_A, MAX_ABS_CURRENT_A),
-    ("energy_normal_kwh", 0.0, MAX_ENERGY_KWH),
-    ("energy_reverse_kwh", 0.0, MAX_ENERGY_KWH),
-    ("fixed_energy_normal_kwh", 0.0, MAX_ENERGY_KWH),
-)
+#: The plausible range of each float field (inclusive).
+FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
+    "power_w": (-MAX_ABS_POWER_W, MAX_ABS_POWER_W),
+    "current_r_a": (-MAX_ABS_CURRENT_A, MAX_ABS_CURRENT_A),
+    "current_t_a": (-MAX_ABS_CURRENT_A, MAX_ABS_CURRENT_A),
+    "energy_normal_kwh": (0.0, MAX_ENERGY_KWH),
+    "energy_reverse_kwh": (0.0, MAX_ENERGY_KWH),
+    "fixed_energy_normal_kwh": (0.0, MAX_ENERGY_KWH),
+}
 
 #: Float fields, in wire order (``power_w`` first; required except in a half-hour slot reading).
 FLOAT_FIELDS: tuple[str, ...] = (
