@@ -275,6 +275,30 @@ def test_drill_gateway_sigkill_mid_stream(
     assert stored_seqs(influx_db) == list(range(1200))  # each once: replays overwrite themselves
 
 
+def test_when_the_stream_stops_its_last_acks_go_out_without_another_message(
+        broker: Mosquitto, influx_db: InfluxSettings, tmp_path: Path, publisher: Publisher) -> None:
+    """Acks ride on paho's thread before the next message; when none comes, the writer sends
+    them: a gateway killed (no shutdown flush) after the stream went quiet leaves nothing for the
+    broker to deliver again."""
+    settings = gateway_settings(broker, influx_db, tmp_path, batch_size=5000, batch_age_s=0.2)
+    log = tmp_path / "gateway.log"
+    proc = start_gateway_process(settings, log)
+    try:
+        wait_until(lambda: "connected: session_present" in log.read_text(), 20, "connect")
+        publisher.publish_readings(reading(i) for i in range(30))
+        publisher.wait_all()
+        wait_until(lambda: count_points(influx_db) == 30, 20, "30 readings stored")
+        time.sleep(1.0)  # the stream is quiet: the writer has handed the acks over
+    finally:
+        proc.kill()
+        proc.wait(10)
+    gw = RunningGateway(settings)
+    time.sleep(1.5)
+    received = gw.gateway.metrics.registry.get_sample_value("homeiot_messages_received_total")
+    gw.stop()
+    assert received == 0
+
+
 def test_sigterm_stops_cleanly_within_ten_seconds(
         broker: Mosquitto, influx_db: InfluxSettings, tmp_path: Path, publisher: Publisher) -> None:
     settings = gateway_settings(broker, influx_db, tmp_path, batch_size=5000, batch_age_s=30)

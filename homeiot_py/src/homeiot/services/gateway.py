@@ -70,8 +70,12 @@ RESUBSCRIBE_EVERY_S = 30.0
 _RECEIPTS_TRACKED = 10_000
 #: Acknowledgements go out on paho's network thread, before it handles the next message; when no
 #: message came for this long (the stream is idle, or the broker waits for these very acks: Receive
-#: Maximum), the writer sends them itself.
-_ACK_HANDOVER_S = 0.005
+#: Maximum), the writer sends them itself. Far longer than the GIL's switch interval (5 ms): while
+#: the writer runs Python (settling a batch), paho's thread waits up to that long for the GIL, and
+#: a 5 ms handover made the writer take over the acks mid-stream, one socketpair wake-up of paho's
+#: thread per ack (bench-gateway: the writer sent most batches' acks and the drain ran at
+#: 7,400-8,000/s; at 50 ms paho's thread sent every batch's, 9,900/s).
+_ACK_HANDOVER_S = 0.05
 
 
 def broker_cert_not_after(client: mqtt.Client) -> float | None:
