@@ -165,9 +165,10 @@ def latency_p99_ms(publisher: Publisher, influx: InfluxSettings, first_seq: int)
 
 
 def drain(influx: InfluxSettings, started: float, *, stall_s: float = 20.0,
-          limit_s: float = 600.0) -> float:
-    """When the gateway's drain ended: every reading stored, or no new row for ``stall_s`` (a
-    loss then shows in ``lost=``, it does not hang or raise).
+          limit_s: float = 600.0) -> tuple[float, int]:
+    """When the gateway's drain ended and how many readings were stored by then: all of them, or
+    what was there when no new row came for ``stall_s`` (a loss then shows in ``lost=`` and in a
+    rate over the readings stored only; it does not hang or raise).
 
     Every 20 ms a probe asks whether the newest reading (seq N-1) is stored — one point's time
     range, cheap for influxd; the full count (about 16 ms of influxd's CPU at 50,000 points, so
@@ -186,29 +187,32 @@ def drain(influx: InfluxSettings, started: float, *, stall_s: float = 20.0,
                 now = last_full = time.perf_counter()
                 count = count_points(influx)
                 if count >= N:
-                    return now
+                    return now, count
                 if count != last_count:
                     last_count, last_change = count, now
                 elif now - last_change > stall_s or now - started > limit_s:
                     print(f"drain stalled at {count} of {N}", file=sys.stderr)
-                    return last_change
+                    return last_change, last_count
             time.sleep(0.02)
 
 
 GATEWAY_ROUNDS = 2
 
 
-def gateway_round(settings: GatewaySettings, log: Path) -> tuple[float, int, int,
-                                                                  subprocess.Popen[bytes]]:
+def gateway_round(settings: GatewaySettings, log: Path) -> tuple[float, int, int, float]:
     """One gateway drain of its own session's backlog into its own database: (rate, lost, dup,
-    the still running gateway). ``lost``/``dup`` count the rows InfluxDB holds by seq."""
+    the gateway's peak RSS in MB). ``lost``/``dup`` count the rows InfluxDB holds by seq; a
+    round that stalled is rated by what it stored. The gateway is stopped afterwards, so the
+    next paho round has the machine to itself as the others had."""
     # Timed from the gateway's CONNACK, so Python's start-up is not counted against it.
     gw = connected_gateway(settings, log)
     started = time.perf_counter()
-    finished = drain(settings.influx, started)
+    finished, stored = drain(settings.influx, started)
+    rss = vm_hwm_mb(gw.pid)
+    stop(gw)
     seqs = stored_seqs(settings.influx)  # the rows InfluxDB holds, not what the gateway received
     unique = {s for s in seqs if 0 <= s < N}
-    return N / (finished - started), N - len(unique), len(seqs) - len(set(seqs)), gw
+    return stored / (finished - started), N - len(unique), len(seqs) - len(set(seqs)), rss
 
 
 def connected_gateway(settings: GatewaySettings, log: Path) -> subprocess.Popen[bytes]:
@@ -266,22 +270,22 @@ def main() -> None:
             paho_rates = [paho_drain(broker, paho_ids[0])]
             rates: list[float] = []
             lost = dup = 0
-            gw: subprocess.Popen[bytes] | None = None
+            rss = 0.0
             for i, settings in enumerate(gateways):
-                if gw is not None:
-                    stop(gw)
-                rate, round_lost, round_dup, gw = gateway_round(settings, log)
+                rate, round_lost, round_dup, round_rss = gateway_round(settings, log)
                 rates.append(rate)
                 lost += round_lost
                 dup += round_dup
+                rss = max(rss, round_rss)
                 paho_rates.append(paho_drain(broker, paho_ids[i + 1]))
-            assert gw is not None
             rate = statistics.median(rates)
             paho_rate = statistics.median(paho_rates)
 
-            # The last gateway, still running, for the latency and its peak RSS.
+            # The last gateway again (its session drained) for the latency; RSS is the peak of
+            # every gateway process.
+            gw = connected_gateway(gateways[-1], log)
             p99 = latency_p99_ms(publisher, gateways[-1].influx, N)
-            rss = vm_hwm_mb(gw.pid)
+            rss = max(rss, vm_hwm_mb(gw.pid))
             stop(gw)
             publisher.close()
         finally:

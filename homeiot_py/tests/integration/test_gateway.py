@@ -285,6 +285,7 @@ def test_when_the_stream_stops_its_last_acks_go_out_without_another_message(
     proc = start_gateway_process(settings, log)
     try:
         wait_until(lambda: "connected: session_present" in log.read_text(), 20, "connect")
+        time.sleep(0.5)  # subscribed
         publisher.publish_readings(reading(i) for i in range(30))
         publisher.wait_all()
         wait_until(lambda: count_points(influx_db) == 30, 20, "30 readings stored")

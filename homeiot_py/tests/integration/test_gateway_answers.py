@@ -28,6 +28,7 @@ from tests.gateway_support import (
     RunningGateway,
     gateway_settings,
     reading,
+    start_gateway_process,
     stored_seqs,
     wait_until,
 )
@@ -175,39 +176,51 @@ def test_a_batch_too_large_is_split(
 
 class RefusingProxy:
     """An HTTP server of ours on loopback in front of the real influxd: it answers the first
-    writes of readings with the statuses in ``refusals`` (as InfluxDB would: a JSON error) and
-    forwards every other request (the gateway's own status too) to influxd unchanged."""
+    writes of readings with the statuses in ``refusals`` (as InfluxDB would: a JSON error; None
+    forwards that write) and forwards every other request (the gateway's own status too) to
+    influxd unchanged. The answers to the first writes of readings wait for the events in
+    ``holds``, one each."""
 
-    def __init__(self, upstream: str, refusals: list[int]) -> None:
+    def __init__(self, upstream: str, refusals: list[int | None],
+                 holds: list[threading.Event] | None = None) -> None:
         self.refusals = list(refusals)
+        self.holds = list(holds or [])
         self.writes = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hold = None
                 if self.path.startswith("/write") and b"meter_readings" in body:
                     proxy.writes += 1
-                    if proxy.refusals:
-                        status = proxy.refusals.pop(0)
+                    hold = proxy.holds.pop(0) if proxy.holds else None
+                    status = proxy.refusals.pop(0) if proxy.refusals else None
+                    if status is not None:
                         text = json.dumps({"error": f"proxy says {status}"}).encode()
-                        self.send_response(status)
-                        self.send_header("Content-Type", "application/json")
-                        self.send_header("Content-Length", str(len(text)))
-                        self.end_headers()
-                        self.wfile.write(text)
+                        self._answer(status, {"Content-Type": "application/json"}, text, hold)
                         return
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "content-length", "connection")}
                 answer = httpx.request(self.command, upstream + self.path, content=body,
                                        headers=headers, timeout=30)
-                self.send_response(answer.status_code)
-                for name in ("Content-Type", "X-Influxdb-Version"):
-                    if name in answer.headers:
-                        self.send_header(name, answer.headers[name])
-                self.send_header("Content-Length", str(len(answer.content)))
+                self._answer(answer.status_code,
+                             {name: answer.headers[name] for name in ("Content-Type",
+                                                                      "X-Influxdb-Version")
+                              if name in answer.headers}, answer.content, hold)
+
+            def _answer(self, status: int, headers: dict[str, str], content: bytes,
+                        hold: threading.Event | None) -> None:
+                """Answer, once ``hold`` (if any) is set: influxd has already stored what it
+                stores, so the answer leaves the moment the test releases it."""
+                if hold is not None:
+                    hold.wait(30)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
-                self.wfile.write(answer.content)
+                self.wfile.write(content)
 
             do_GET = do_POST = _handle  # noqa: N815 - the names http.server calls
 
@@ -255,6 +268,52 @@ def test_429_and_503_are_retried_with_backoff_and_nothing_is_lost(
     finally:
         proxy.close()
     assert stored_seqs(influx_db) == list(range(50))
+
+
+def test_a_stored_batch_is_acknowledged_while_influxdb_refuses_the_next(
+        broker: Mosquitto, influxd: Influxd, influx_db: InfluxSettings, tmp_path: Path,
+        publisher: Publisher) -> None:
+    """Batch 1 is stored just after batch 2 filled: Receive Maximum (two batches) is reached, so
+    no message comes to carry batch 1's acks, and the writer goes straight on to batch 2, which
+    InfluxDB then refuses for a long time. Batch 1's acks must still go out: a gateway killed
+    during the outage leaves only batch 2 for the broker to deliver again. (Before the fix all
+    100 came again: batch 1 stayed unacknowledged for the whole outage, holding half of Receive
+    Maximum. Without the fix this test fails when batch 1's answer arrives within the 50 ms
+    handover after the last message, as the proxy's release right after it makes likely: it
+    failed 2 runs of 3.)"""
+    release = threading.Event()
+    proxy = RefusingProxy(influxd.url, [None] + [503] * 1000, holds=[release])
+    settings = gateway_settings(broker, replace(influx_db, url=proxy.url), tmp_path,
+                                batch_size=50, batch_age_s=10)
+    log = tmp_path / "gateway.log"
+    proc = start_gateway_process(settings, log)
+    try:
+        wait_until(lambda: "connected: session_present" in log.read_text(), 20, "connect")
+        time.sleep(0.5)  # subscribed
+        publisher.publish_readings(reading(i) for i in range(50))
+        publisher.wait_all()
+        wait_until(lambda: stored_seqs(influx_db) == list(range(50)), 20,
+                   "batch 1 stored (its answer held by the proxy)")
+        publisher.publish_readings(reading(i) for i in range(50, 100))
+        publisher.wait_all()
+        release.set()
+        wait_until(lambda: proxy.writes >= 3, 30, "batch 2 refused twice")
+        assert stored_seqs(influx_db) == list(range(50))
+        time.sleep(0.5)
+    finally:
+        release.set()
+        proc.kill()
+        proc.wait(10)
+        proxy.close()
+    gw = RunningGateway(replace(settings, influx=influx_db))  # InfluxDB answers again
+    try:
+        wait_until(lambda: stored_seqs(influx_db) == list(range(100)), 30, "batch 2 stored")
+        time.sleep(1.0)
+        received = gw.gateway.metrics.registry.get_sample_value(
+            "homeiot_messages_received_total")
+    finally:
+        gw.stop()
+    assert received == 50
 
 
 def test_an_influxdb_name_that_does_not_resolve_is_named_retried_and_loses_nothing(

@@ -7,6 +7,7 @@ answer (so the refusal and its message stay the checked path's)."""
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -55,6 +56,8 @@ def test_a_publishers_payload_takes_the_plain_path() -> None:
     (b'{"v":1,"ts":"1999-12-31T23:59:59.999Z","seq":1,"power_w":1.0}', "outside 2000..2199"),
     (b'{"v":1,"ts":"2025-12-16T15:00:00+09:00","seq":1,"power_w":1.0}', "UTC timestamp"),
     (b'{"v":1,"ts":"2025-12-16T15:00:00.000Z","seq":-1,"power_w":1.0}', "outside 0..2**63-1"),
+    (b'{"v":1,"ts":"2025-12-16T15:00:00.000Z","seq":9223372036854775808,"power_w":1.0}',
+     "outside 0..2**63-1"),
     (b'{"v":1,"ts":"2025-12-16T15:00:00.000Z","seq":1,"power_w":1e7}', "plausible range"),
     (b'{"v":1,"ts":"2025-12-16T15:00:00.000Z","seq":1,"power_w":1.0,'
      b'"energy_normal_kwh":-0.5}', "plausible range"),
@@ -109,11 +112,13 @@ spoilers = st.none() | st.tuples(st.sampled_from([*FIELDS, "v", "seq", "ts", "fi
 @settings(max_examples=800)
 @given(ts=stamps, seq=st.integers(0, 2**63 - 1), power=plausible | plausible.map(lambda f: -f),
        values=st.lists(st.none() | plausible, min_size=4, max_size=4), spoiler=spoilers,
-       ahead_ms=st.integers(-1000, 1000), digits=st.sampled_from([0, 1, 2, 3]))
+       ahead_ms=st.integers(-1000, 1000), digits=st.sampled_from([0, 1, 2, 3]),
+       order=st.randoms(use_true_random=False))
 def test_the_plain_path_agrees_with_the_checked_path(ts: datetime, seq: int, power: float,
                                                      values: list[float | None],
                                                      spoiler: tuple[str, Any] | None,
-                                                     ahead_ms: int, digits: int) -> None:
+                                                     ahead_ms: int, digits: int,
+                                                     order: random.Random) -> None:
     """Payloads as a publisher (or a broken one) writes them — valid ones, and ones with one key
     spoiled by any JSON value — at times near every limit (2000, 2200, now + the allowed
     minutes, to the millisecond), with 0-3 fraction digits."""
@@ -124,7 +129,9 @@ def test_the_plain_path_agrees_with_the_checked_path(ts: datetime, seq: int, pow
                if value is not None)
     if spoiler is not None:
         obj[spoiler[0]] = spoiler[1]
-    payload = json.dumps(obj, separators=(",", ":")).encode()
+    keys = list(obj)
+    order.shuffle(keys)  # publishers write the keys in field order; others need not
+    payload = json.dumps({key: obj[key] for key in keys}, separators=(",", ":")).encode()
     at_limit = datetime.fromisoformat(stamp) - RULES.max_ahead
     assert_agree(payload, at_limit + timedelta(milliseconds=ahead_ms))
     assert_agree(payload)
@@ -133,4 +140,14 @@ def test_the_plain_path_agrees_with_the_checked_path(ts: datetime, seq: int, pow
 @settings(max_examples=300)
 @given(st.binary(max_size=200) | st.text(max_size=120).map(str.encode))
 def test_the_plain_path_agrees_on_anything(payload: bytes) -> None:
+    """Arbitrary bytes: the plain path never raises, and stays out of the way."""
     assert_agree(payload)
+
+
+def test_a_measurement_line_protocol_cannot_carry_is_refused_by_name() -> None:
+    rules = Rules("home/power", "#meter", timedelta(minutes=5))
+    payload = b'{"v":1,"ts":"2025-12-16T15:00:00.000Z","seq":1,"power_w":1.0}'
+    assert ingest._plain_point(rules, "meter1", payload, NOW) is None
+    outcome = ingest.ingest(rules, TOPIC, payload, NOW)
+    assert isinstance(outcome, Rejection)
+    assert "starts with '#'" in outcome.reason

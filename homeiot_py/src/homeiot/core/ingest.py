@@ -105,8 +105,11 @@ def _plain_point(rules: Rules, source: str, payload: bytes, now: datetime) -> Po
         if type(value) is not float or not low <= value <= high:
             return None  # an integer, a bool, a string, out of range: the checked path decides
         values.append((name, value))
-    return Point(source, seq, ts, reading_line(rules.measurement, source, seq, values,
-                                               ts_ms=epoch_ms(ts)))
+    try:
+        line = reading_line(rules.measurement, source, seq, values, ts_ms=epoch_ms(ts))
+    except InvalidDataError:
+        return None  # a measurement line protocol cannot carry: the checked path names it
+    return Point(source, seq, ts, line)
 
 
 def _plain_ts(text: object) -> datetime | None:

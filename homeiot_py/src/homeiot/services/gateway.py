@@ -370,6 +370,7 @@ class Gateway:
                     return
             self.heartbeat = time.monotonic()
             if not self._carry_out(actions, deadline):
+                self._send_acks_here()  # those of batches settled before the deadline passed
                 return
             if self._acks and (stopping or time.monotonic() - self._last_message_at
                                >= _ACK_HANDOVER_S):
@@ -429,6 +430,9 @@ class Gateway:
                 continue
             match action:
                 case batching.Write(batch_id, lines):
+                    if acks:  # settled batches' first: this write may take long (InfluxDB
+                        # down), and with Receive Maximum reached no message comes to carry them
+                        self._send_acks_here()
                     started = time.monotonic()
                     written = self._write(batch_id, list(lines), deadline)
                     if written is None:
