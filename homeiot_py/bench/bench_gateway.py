@@ -41,7 +41,7 @@ from tests.gateway_support import (
     count_points,
     gateway_settings,
     reading,
-    start_gateway_process,
+    start_connected_gateway,
     stored_seqs,
     wait_until,
 )
@@ -205,7 +205,7 @@ def gateway_round(settings: GatewaySettings, log: Path) -> tuple[float, int, int
     round that stalled is rated by what it stored. The gateway is stopped afterwards, so the
     next paho round has the machine to itself as the others had."""
     # Timed from the gateway's CONNACK, so Python's start-up is not counted against it.
-    gw = connected_gateway(settings, log)
+    gw = start_connected_gateway(settings, log, interval_s=0.005)
     started = time.perf_counter()
     finished, stored = drain(settings.influx, started)
     rss = vm_hwm_mb(gw.pid)
@@ -213,15 +213,6 @@ def gateway_round(settings: GatewaySettings, log: Path) -> tuple[float, int, int
     seqs = stored_seqs(settings.influx)  # the rows InfluxDB holds, not what the gateway received
     unique = {s for s in seqs if 0 <= s < N}
     return stored / (finished - started), N - len(unique), len(seqs) - len(set(seqs)), rss
-
-
-def connected_gateway(settings: GatewaySettings, log: Path) -> subprocess.Popen[bytes]:
-    """A gateway process, returned as soon as its log says it is connected."""
-    connects = log.read_text().count("connected: session_present") if log.exists() else 0
-    gw = start_gateway_process(settings, log)
-    wait_until(lambda: log.read_text().count("connected: session_present") > connects,
-               60, "the gateway to connect", interval_s=0.005)
-    return gw
 
 
 def stop(gw: subprocess.Popen[bytes]) -> None:
@@ -253,7 +244,7 @@ def main() -> None:
                 paho_register(broker, client_id)
             log = root / "gateway.log"
             for settings in gateways:
-                registering = connected_gateway(settings, log)
+                registering = start_connected_gateway(settings, log)
                 time.sleep(0.5)  # subscribed
                 stop(registering)
             publisher = Publisher(broker, "meter1")
@@ -283,7 +274,7 @@ def main() -> None:
 
             # The last gateway again (its session drained) for the latency; RSS is the peak of
             # every gateway process.
-            gw = connected_gateway(gateways[-1], log)
+            gw = start_connected_gateway(gateways[-1], log)
             p99 = latency_p99_ms(publisher, gateways[-1].influx, N)
             rss = max(rss, vm_hwm_mb(gw.pid))
             stop(gw)

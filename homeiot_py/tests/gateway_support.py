@@ -67,6 +67,20 @@ def start_gateway_process(settings: GatewaySettings, log: Path,
                                 stderr=subprocess.STDOUT)
 
 
+_CONNECTED = "connected: session_present"
+
+
+def start_connected_gateway(settings: GatewaySettings, log: Path, *, interval_s: float = 0.1
+                            ) -> subprocess.Popen[bytes]:
+    """:func:`start_gateway_process`, returned once its log says it is connected (a log that
+    earlier gateways wrote to as well is fine: their lines are counted out)."""
+    earlier = log.read_text().count(_CONNECTED) if log.exists() else 0
+    proc = start_gateway_process(settings, log)
+    wait_until(lambda: log.read_text().count(_CONNECTED) > earlier, 60,
+               "the gateway to connect", interval_s=interval_s)
+    return proc
+
+
 def readiness(port: int) -> httpx.Response | None:
     """The gateway's /readyz answer on ``port`` (asked with the API token, so it names its
     reasons), or None while nothing answers."""
@@ -102,6 +116,20 @@ class RunningGateway:
         self.gateway.stop()
         self.store.close()
         self.influx.close()
+
+
+def received_by_a_new_gateway(settings: GatewaySettings, *, settle_s: float = 1.5,
+                              until: Callable[[], bool] | None = None) -> float | None:
+    """How many messages a new gateway on ``settings``' session receives — what the broker
+    delivers again — counted ``settle_s`` after ``until`` holds (if given)."""
+    gw = RunningGateway(settings)
+    try:
+        if until is not None:
+            wait_until(until, 30, "the new gateway's readings")
+        time.sleep(settle_s)
+        return gw.gateway.metrics.registry.get_sample_value("homeiot_messages_received_total")
+    finally:
+        gw.stop()
 
 
 def reading(seq: int, source: str = "meter1", *, step_ms: int = 1000) -> Reading:

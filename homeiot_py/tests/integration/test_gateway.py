@@ -29,6 +29,8 @@ from tests.gateway_support import (
     count_points,
     gateway_settings,
     reading,
+    received_by_a_new_gateway,
+    start_connected_gateway,
     start_gateway_process,
     stored_seqs,
     wait_until,
@@ -258,9 +260,8 @@ def test_drill_gateway_sigkill_mid_stream(
         broker: Mosquitto, influx_db: InfluxSettings, tmp_path: Path, publisher: Publisher) -> None:
     settings = gateway_settings(broker, influx_db, tmp_path, batch_size=200, batch_age_s=0.2)
     log = tmp_path / "gateway.log"
-    proc = start_gateway_process(settings, log)
+    proc = start_connected_gateway(settings, log)
     try:
-        wait_until(lambda: "connected: session_present" in log.read_text(), 20, "connect")
         time.sleep(0.3)
         _stream(publisher, 0, 600, 300)
         proc.send_signal(signal.SIGKILL)
@@ -281,10 +282,8 @@ def test_when_the_stream_stops_its_last_acks_go_out_without_another_message(
     them: a gateway killed (no shutdown flush) after the stream went quiet leaves nothing for the
     broker to deliver again."""
     settings = gateway_settings(broker, influx_db, tmp_path, batch_size=5000, batch_age_s=0.2)
-    log = tmp_path / "gateway.log"
-    proc = start_gateway_process(settings, log)
+    proc = start_connected_gateway(settings, tmp_path / "gateway.log")
     try:
-        wait_until(lambda: "connected: session_present" in log.read_text(), 20, "connect")
         time.sleep(0.5)  # subscribed
         publisher.publish_readings(reading(i) for i in range(30))
         publisher.wait_all()
@@ -293,19 +292,13 @@ def test_when_the_stream_stops_its_last_acks_go_out_without_another_message(
     finally:
         proc.kill()
         proc.wait(10)
-    gw = RunningGateway(settings)
-    time.sleep(1.5)
-    received = gw.gateway.metrics.registry.get_sample_value("homeiot_messages_received_total")
-    gw.stop()
-    assert received == 0
+    assert received_by_a_new_gateway(settings) == 0
 
 
 def test_sigterm_stops_cleanly_within_ten_seconds(
         broker: Mosquitto, influx_db: InfluxSettings, tmp_path: Path, publisher: Publisher) -> None:
     settings = gateway_settings(broker, influx_db, tmp_path, batch_size=5000, batch_age_s=30)
-    log = tmp_path / "gateway.log"
-    proc = start_gateway_process(settings, log)
-    wait_until(lambda: "connected: session_present" in log.read_text(), 20, "connect")
+    proc = start_connected_gateway(settings, tmp_path / "gateway.log")
     time.sleep(0.3)
     publisher.publish_readings(reading(i) for i in range(100))
     publisher.wait_all()
@@ -316,11 +309,7 @@ def test_sigterm_stops_cleanly_within_ten_seconds(
     assert time.monotonic() - started < 10
     assert count_points(influx_db) == 100  # flushed on the way out
     # ... and acknowledged: a new gateway on the same session receives none of them again.
-    gw = RunningGateway(settings)
-    time.sleep(1.5)
-    received = gw.gateway.metrics.registry.get_sample_value("homeiot_messages_received_total")
-    gw.stop()
-    assert received == 0
+    assert received_by_a_new_gateway(settings) == 0
 
 
 def test_drill_influxdb_down_for_30_seconds_under_load(

@@ -28,7 +28,8 @@ from tests.gateway_support import (
     RunningGateway,
     gateway_settings,
     reading,
-    start_gateway_process,
+    received_by_a_new_gateway,
+    start_connected_gateway,
     stored_seqs,
     wait_until,
 )
@@ -285,10 +286,8 @@ def test_a_stored_batch_is_acknowledged_while_influxdb_refuses_the_next(
     proxy = RefusingProxy(influxd.url, [None] + [503] * 1000, holds=[release])
     settings = gateway_settings(broker, replace(influx_db, url=proxy.url), tmp_path,
                                 batch_size=50, batch_age_s=10)
-    log = tmp_path / "gateway.log"
-    proc = start_gateway_process(settings, log)
+    proc = start_connected_gateway(settings, tmp_path / "gateway.log")
     try:
-        wait_until(lambda: "connected: session_present" in log.read_text(), 20, "connect")
         time.sleep(0.5)  # subscribed
         publisher.publish_readings(reading(i) for i in range(50))
         publisher.wait_all()
@@ -305,14 +304,9 @@ def test_a_stored_batch_is_acknowledged_while_influxdb_refuses_the_next(
         proc.kill()
         proc.wait(10)
         proxy.close()
-    gw = RunningGateway(replace(settings, influx=influx_db))  # InfluxDB answers again
-    try:
-        wait_until(lambda: stored_seqs(influx_db) == list(range(100)), 30, "batch 2 stored")
-        time.sleep(1.0)
-        received = gw.gateway.metrics.registry.get_sample_value(
-            "homeiot_messages_received_total")
-    finally:
-        gw.stop()
+    received = received_by_a_new_gateway(  # InfluxDB answers again
+        replace(settings, influx=influx_db), settle_s=1.0,
+        until=lambda: stored_seqs(influx_db) == list(range(100)))
     assert received == 50
 
 

@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 #: Payloads larger than this are rejected before parsing (a reading is ~300 bytes).
 MAX_PAYLOAD_BYTES = 4096
 
-TS_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,3})?Z")
+_TS_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,3})?Z")
 _REQUIRED = frozenset({"v", "ts", "seq"})  # power_w too, unless a half-hour slot (Reading checks)
 _ALLOWED = _REQUIRED | frozenset(FLOAT_FIELDS) | {"fixed_ts"}
 
@@ -138,10 +138,10 @@ def _reading(obj: Any, source: str) -> Reading:
     # A float is taken as it is (the common case); anything else is checked by _number.
     numbers = [value if type(value := obj.get(name)) is float else _number(obj, name)
                for name in FLOAT_FIELDS]
-    fixed_ts = _parse_ts("fixed_ts", obj["fixed_ts"]) if "fixed_ts" in obj else None
+    fixed_ts = parse_ts("fixed_ts", obj["fixed_ts"]) if "fixed_ts" in obj else None
     try:
         # Positional, in Reading's field order (FLOAT_FIELDS keeps fixed_energy_normal_kwh last).
-        return Reading(source, _parse_ts("ts", obj["ts"]), seq, numbers[0], numbers[1],
+        return Reading(source, parse_ts("ts", obj["ts"]), seq, numbers[0], numbers[1],
                        numbers[2], numbers[3], numbers[4], fixed_ts, numbers[5])
     except PayloadError:
         raise
@@ -177,8 +177,10 @@ def _number(obj: dict[str, Any], name: str) -> float | None:
         raise PayloadError(f"{name}: {str(value)[:20]}… is far outside the plausible range") from None
 
 
-def _parse_ts(name: str, value: object) -> datetime:
-    if not isinstance(value, str) or TS_PATTERN.fullmatch(value) is None:
+def parse_ts(name: str, value: object) -> datetime:
+    """A wire timestamp (UTC, "Z") as an aware datetime; :class:`PayloadError` naming ``name``
+    when it is not one."""
+    if not isinstance(value, str) or _TS_PATTERN.fullmatch(value) is None:
         raise PayloadError(
             f"{name}: must be a UTC timestamp like 2025-12-16T15:00:00.000Z, got {value!r}"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from homeiot.core import codec
 from homeiot.core.errors import InvalidDataError
@@ -91,10 +91,24 @@ def _plain_point(rules: Rules, source: str, payload: bytes, now: datetime) -> Po
             _PLAIN_REQUIRED <= obj.keys() <= _PLAIN_KEYS:
         return None  # v and seq are ints (plain_object checks), values are not nested
     seq = obj["seq"]
-    ts = _plain_ts(obj["ts"])
-    if ts is None or not 0 <= seq <= MAX_SEQ or not MIN_TS <= ts < MAX_TS or \
-            ts - now > rules.max_ahead:
+    try:
+        ts = codec.parse_ts("ts", obj["ts"])  # in UTC: the pattern ends in "Z"
+    except InvalidDataError:
         return None
+    if not 0 <= seq <= MAX_SEQ or not MIN_TS <= ts < MAX_TS or ts - now > rules.max_ahead:
+        return None
+    values = _plain_values(obj)
+    if values is None:
+        return None
+    try:
+        line = reading_line(rules.measurement, source, seq, values, ts_ms=epoch_ms(ts))
+    except InvalidDataError:
+        return None  # a measurement line protocol cannot carry: the checked path names it
+    return Point(source, seq, ts, line)
+
+
+def _plain_values(obj: dict[str, Any]) -> list[tuple[str, float]] | None:
+    """The present values in field order, if each is a float in its range; else None."""
     values = []
     for name, low, high in _PLAIN_BOUNDS:
         value = obj.get(name)
@@ -105,18 +119,5 @@ def _plain_point(rules: Rules, source: str, payload: bytes, now: datetime) -> Po
         if type(value) is not float or not low <= value <= high:
             return None  # an integer, a bool, a string, out of range: the checked path decides
         values.append((name, value))
-    try:
-        line = reading_line(rules.measurement, source, seq, values, ts_ms=epoch_ms(ts))
-    except InvalidDataError:
-        return None  # a measurement line protocol cannot carry: the checked path names it
-    return Point(source, seq, ts, line)
+    return values
 
-
-def _plain_ts(text: object) -> datetime | None:
-    """A wire timestamp's time (in UTC: it ends in "Z"), or None if it is not one."""
-    if type(text) is not str or codec.TS_PATTERN.fullmatch(text) is None:
-        return None
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None

@@ -370,8 +370,7 @@ class Gateway:
                     return
             self.heartbeat = time.monotonic()
             if not self._carry_out(actions, deadline):
-                self._send_acks_here()  # those of batches settled before the deadline passed
-                return
+                return  # the write that ran out of time sent the acks queued before it
             if self._acks and (stopping or time.monotonic() - self._last_message_at
                                >= _ACK_HANDOVER_S):
                 self._send_acks_here()
